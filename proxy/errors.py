@@ -1,0 +1,107 @@
+"""Project exceptions, each carrying the proxy error code and HTTP status of SPEC §4.
+
+The forwarding handler maps any ``ProxyError`` to a response in one place, so
+a new failure mode is one new class here, not a new branch in the handler.
+Messages are written for the application developer who will read them in an
+error body; they never contain a token, a secret or an Authorization value.
+
+    ProxyError
+    ├── BadRequest            400 bad_request          unsafe or malformed target
+    ├── RouteNotAllowed       403 route_not_allowed    deny by default
+    ├── BodyTooLarge          413 body_too_large
+    ├── UpstreamUnreachable   502 upstream_unreachable connect / reset
+    ├── UpstreamTimeout       504 upstream_timeout
+    ├── ScopeNotGranted       500 scope_not_granted    token endpoint said invalid_scope
+    └── TokenError            503                      no token could be had
+        ├── TokenUnavailable      token_unavailable    endpoint down / backing off
+        └── CredentialsRejected   credentials_rejected invalid_client
+
+    ConfigError                                        a config with problems (not a request error)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar
+
+
+class ProxyError(Exception):
+    """A failure the proxy answers itself, with its own JSON error body."""
+
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+
+    def __init__(self, description: str) -> None:
+        super().__init__(description)
+        self.description = description
+
+    def headers(self) -> dict[str, str]:
+        """Extra response headers for this error (``Retry-After`` for the 503s)."""
+        return {}
+
+
+class BadRequest(ProxyError):
+    status = 400
+    code = "bad_request"
+
+
+class RouteNotAllowed(ProxyError):
+    status = 403
+    code = "route_not_allowed"
+
+
+class BodyTooLarge(ProxyError):
+    status = 413
+    code = "body_too_large"
+
+
+class UpstreamUnreachable(ProxyError):
+    status = 502
+    code = "upstream_unreachable"
+
+
+class UpstreamTimeout(ProxyError):
+    status = 504
+    code = "upstream_timeout"
+
+
+class ScopeNotGranted(ProxyError):
+    """The token endpoint refused the scope set: the route table asks for too much."""
+
+    status = 500
+    code = "scope_not_granted"
+
+
+class TokenError(ProxyError):
+    """No valid token could be had; the caller may try again later."""
+
+    status = 503
+    code = "token_unavailable"
+
+    def __init__(self, description: str, retry_after: float = 1.0) -> None:
+        super().__init__(description)
+        self.retry_after = max(1.0, retry_after)
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(int(self.retry_after + 0.999))}
+
+
+class TokenUnavailable(TokenError):
+    code = "token_unavailable"
+
+
+class CredentialsRejected(TokenError):
+    """``invalid_client``: never retried with the same secret."""
+
+    code = "credentials_rejected"
+
+    def __init__(self, description: str, retry_after: float = 30.0) -> None:
+        super().__init__(description, retry_after)
+
+
+class ConfigError(Exception):
+    """A configuration with one or more problems, each naming its key path."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in self.problems))

@@ -1,0 +1,109 @@
+"""Typed, immutable settings: what ``proxy.config`` produces from YAML + environment.
+
+Everything downstream takes these values, never raw dicts, so a setting is
+validated once, at start, and cannot change under a running request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from proxy.scopes import DEFAULT_AUDIENCE
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ListenAddress:
+    """``host:port`` or ``unix:/path``."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    unix_path: str | None = None
+
+    def __str__(self) -> str:
+        return f"unix:{self.unix_path}" if self.unix_path else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSettings:
+    url: str = "https://api.credicorp.co.uk"  # origin only: scheme://host[:port], no path
+    timeout_s: float = 30.0  # total, per attempt
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 30.0  # longest silence while reading the response
+    ca_file: str | None = None
+    retry_body_limit: int = 1 * MiB  # bodies up to this are kept for the 401 retry
+    max_body_bytes: int | None = None  # 413 body_too_large over this; None = unlimited
+    forwarded_headers: bool = False  # add X-Forwarded-For / X-Forwarded-Proto
+    pool_size: int = 256  # keep-alive connections to the upstream
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSettings:
+    issuer: str = "https://sso.credicorp.co.uk"
+    client_id: str = ""
+    client_secret: str | None = field(default=None, repr=False)
+    client_secret_file: str | None = None
+    token_endpoint: str | None = None  # override; default comes from discovery
+    method: Literal["client_secret_post", "client_secret_basic"] = "client_secret_post"
+    audience: str = DEFAULT_AUDIENCE
+    verify: bool = True
+    default_expires_in: int = 3600  # when the token response has no expires_in
+    timeout_s: float = 10.0
+    max_mint_rate: float = 5.0  # token-endpoint calls per second, hard ceiling (platform: 10)
+    ca_file: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CacheSettings:
+    url: str = "memory://"
+    key_prefix: str = "ccp"
+    encryption_key_file: str | None = None
+    timeout_s: float = 0.5  # every Redis call; an outage must never stall a request
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshSettings:
+    at_fraction: float = 0.9
+    min_margin_s: float = 60.0
+    idle_s: float = 900.0
+    jitter_s: float = 5.0  # spread refreshes so replicas and scope sets do not line up
+    prefetch: Literal["marked", "all", "none"] = "marked"
+
+
+@dataclass(frozen=True, slots=True)
+class LogSettings:
+    level: str = "info"
+    access_log: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class RouteSpec:
+    """One entry of the route table, as written in the config."""
+
+    methods: frozenset[str]  # upper-case; "*" means any method
+    path: str  # the pattern as written
+    scopes: tuple[str, ...]  # sorted, de-duplicated
+    audience: str = DEFAULT_AUDIENCE
+    name: str = ""  # metric/log label; defaults to "METHODS path"
+    prefetch: bool = False
+    index: int = 0  # position in the table (for messages: routes[index])
+
+    @property
+    def label(self) -> str:
+        return self.name or f"{','.join(sorted(self.methods))} {self.path}"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    upstream: UpstreamSettings = UpstreamSettings()
+    auth: AuthSettings = AuthSettings()
+    listen: ListenAddress = ListenAddress()
+    admin_listen: ListenAddress = ListenAddress("0.0.0.0", 9090)  # noqa: S104 - probes/scrapes
+    cache: CacheSettings = CacheSettings()
+    refresh: RefreshSettings = RefreshSettings()
+    logging: LogSettings = LogSettings()
+    routes: tuple[RouteSpec, ...] = ()
+    shutdown_grace_s: float = 30.0
+    warnings: tuple[str, ...] = ()  # non-fatal findings of validation (shadowed, over-broad)

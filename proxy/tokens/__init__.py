@@ -1,0 +1,1 @@
+"""Token acquisition (source), storage (cache) and life cycle (manager)."""

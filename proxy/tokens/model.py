@@ -1,0 +1,105 @@
+"""Value types of the token layer: credentials, cache keys and tokens.
+
+``Token`` and ``Credentials`` hide their secrets from ``repr``/``str`` so that a
+stray log line, an exception message or a debugger dump cannot leak them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass, field
+
+from proxy.scopes import scope_set_label
+
+_FINGERPRINT_ITERATIONS = 20_000
+
+
+def credential_fingerprint(client_id: str, secret: str) -> str:
+    """A short, slow-to-invert fingerprint of a secret, used in cache keys.
+
+    It changes whenever the secret changes, so a rotated secret never reads a
+    slot written under the old one. PBKDF2 (salted by client id) keeps a
+    low-entropy secret from being recovered from a Redis key name.
+    """
+    raw = hashlib.pbkdf2_hmac(
+        "sha256", secret.encode(), b"ccp-fp:" + client_id.encode(), _FINGERPRINT_ITERATIONS, 8
+    )
+    return raw.hex()
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """One generation of the client's credentials."""
+
+    client_id: str
+    secret: str = field(repr=False)
+    fingerprint: str = ""
+    generation: int = 1
+
+    @classmethod
+    def create(cls, client_id: str, secret: str, generation: int = 1) -> Credentials:
+        return cls(client_id, secret, credential_fingerprint(client_id, secret), generation)
+
+    def __str__(self) -> str:
+        return f"Credentials({self.client_id}, fp={self.fingerprint}, gen={self.generation})"
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class CacheKey:
+    """(client_id, credential fingerprint, audience, sorted scope set)."""
+
+    client_id: str
+    fingerprint: str
+    audience: str
+    scopes: tuple[str, ...]
+
+    @classmethod
+    def create(
+        cls, creds: Credentials, scopes: frozenset[str] | tuple[str, ...], audience: str
+    ) -> CacheKey:
+        return cls(creds.client_id, creds.fingerprint, audience, tuple(sorted(set(scopes))))
+
+    @property
+    def scope_label(self) -> str:
+        """The scope set as a metric label / log field (from config, never from a request)."""
+        return scope_set_label(self.scopes)
+
+    def storage_id(self) -> str:
+        """Stable text form for shared stores (Redis key suffix); contains no secret."""
+        return f"{self.client_id}:{self.fingerprint}:{self.audience}:{','.join(self.scopes)}"
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    """A bearer token with absolute times judged by the injected clock.
+
+    ``issued_at``/``expires_at`` are epoch seconds of the proxy's clock, so
+    freshness is decided locally and tests move the clock instead of sleeping.
+    """
+
+    value: str = field(repr=False)
+    issued_at: float
+    expires_at: float
+    scopes: tuple[str, ...]
+    audience: str
+
+    @property
+    def lifetime(self) -> float:
+        return self.expires_at - self.issued_at
+
+    @property
+    def digest(self) -> str:
+        """Identifies this token (for compare-and-purge, logs) without revealing it."""
+        return hashlib.sha256(self.value.encode()).hexdigest()[:16]
+
+    def is_expired(self, now: float) -> bool:
+        return now >= self.expires_at
+
+    def same_as(self, other: Token | None) -> bool:
+        return other is not None and hmac.compare_digest(self.value, other.value)
+
+    def __str__(self) -> str:
+        return f"Token(digest={self.digest}, scopes={' '.join(self.scopes)}, exp={self.expires_at:.0f})"
+
+    __repr__ = __str__
