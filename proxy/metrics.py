@@ -34,63 +34,97 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "ccp_requests", "Requests answered, by route, method and status code.",
-            ["route", "method", "code"], registry=r,
+            "ccp_requests",
+            "Requests answered, by route, method and status code.",
+            ["route", "method", "code"],
+            registry=r,
         )
         self.request_duration = Histogram(
-            "ccp_request_duration_seconds", "Time waiting on the upstream API, by route.",
-            ["route"], buckets=_LATENCY_BUCKETS, registry=r,
+            "ccp_request_duration_seconds",
+            "Time waiting on the upstream API, by route.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.proxy_errors = Counter(
-            "ccp_proxy_errors", "Errors the proxy answered itself, by error code.",
-            ["error"], registry=r,
+            "ccp_proxy_errors",
+            "Errors the proxy answered itself, by error code.",
+            ["error"],
+            registry=r,
         )
         self.token_mints = Counter(
-            "ccp_token_mints", "Token-endpoint calls, by scope set and result.",
-            ["scopes", "result"], registry=r,
+            "ccp_token_mints",
+            "Token-endpoint calls, by scope set and result.",
+            ["scopes", "result"],
+            registry=r,
         )
         self.token_mint_duration = Histogram(
-            "ccp_token_mint_duration_seconds", "Token-endpoint call latency.",
-            buckets=_MINT_BUCKETS, registry=r,
+            "ccp_token_mint_duration_seconds",
+            "Token-endpoint call latency.",
+            buckets=_MINT_BUCKETS,
+            registry=r,
         )
         self.token_endpoint_errors = Counter(
-            "ccp_token_endpoint_errors", "Token-endpoint failures by OAuth error code.",
-            ["error"], registry=r,
+            "ccp_token_endpoint_errors",
+            "Token-endpoint failures by OAuth error code.",
+            ["error"],
+            registry=r,
         )
         self.cache_lookups = Counter(
-            "ccp_token_cache_lookups", "Token cache lookups by tier and result.",
-            ["tier", "result"], registry=r,
+            "ccp_token_cache_lookups",
+            "Token cache lookups by tier and result.",
+            ["tier", "result"],
+            registry=r,
         )
         self.token_ttl = Gauge(
-            "ccp_token_ttl_seconds", "Seconds left on the cached token, by scope set.",
-            ["scopes"], registry=r,
+            "ccp_token_ttl_seconds",
+            "Seconds left on the cached token, by scope set.",
+            ["scopes"],
+            registry=r,
         )
         self.token_age_at_use = Histogram(
-            "ccp_token_age_at_use_seconds", "Age of the token attached to a request.",
-            buckets=_AGE_BUCKETS, registry=r,
+            "ccp_token_age_at_use_seconds",
+            "Age of the token attached to a request.",
+            buckets=_AGE_BUCKETS,
+            registry=r,
         )
         self.token_refreshes = Counter(
-            "ccp_token_refreshes", "Background refreshes by result.", ["result"], registry=r,
+            "ccp_token_refreshes",
+            "Background refreshes by result.",
+            ["result"],
+            registry=r,
         )
         self.retries_401 = Counter(
-            "ccp_upstream_401_retries", "Upstream 401s and what the one retry gave.",
-            ["outcome"], registry=r,
+            "ccp_upstream_401_retries",
+            "Upstream 401s and what the one retry gave.",
+            ["outcome"],
+            registry=r,
         )
         self.insufficient_scope = Counter(
-            "ccp_insufficient_scope", "Upstream 403 insufficient_scope by route and scope.",
-            ["route", "scope"], registry=r,
+            "ccp_insufficient_scope",
+            "Upstream 403 insufficient_scope by route and scope.",
+            ["route", "scope"],
+            registry=r,
         )
         self.redis_errors = Counter(
-            "ccp_redis_errors", "Redis operations that failed, by operation.", ["op"], registry=r,
+            "ccp_redis_errors",
+            "Redis operations that failed, by operation.",
+            ["op"],
+            registry=r,
         )
         self.in_flight = Gauge(
-            "ccp_in_flight_requests", "Requests being proxied right now.", registry=r,
+            "ccp_in_flight_requests",
+            "Requests being proxied right now.",
+            registry=r,
         )
         self.credential_generation = Gauge(
-            "ccp_credential_generation", "Generation of the client secret in use.", registry=r,
+            "ccp_credential_generation",
+            "Generation of the client secret in use.",
+            registry=r,
         )
         self.credentials_rejected = Gauge(
-            "ccp_credentials_rejected", "1 while the token endpoint rejects our credentials.",
+            "ccp_credentials_rejected",
+            "1 while the token endpoint rejects our credentials.",
             registry=r,
         )
         self.ready = Gauge("ccp_ready", "1 when /readyz answers 200.", registry=r)
