@@ -1,0 +1,284 @@
+"""The token life cycle: lookup, single-flight minting, refresh ahead of expiry, purge on 401.
+
+The request path asks ``get(scopes, audience)``. A fresh token in process
+memory is returned without an await that could switch tasks and without any
+Redis round trip. Everything slower goes through one *flight* per cache key:
+an ``asyncio.Task`` that every concurrent caller awaits (shielded, so a client
+that goes away never cancels a mint others are waiting on). Inside the
+flight the shared tier (Redis) is consulted, then its lease is taken, so at
+most one replica mints a key at a time.
+
+Freshness, judged by the injected clock:
+
+* ``refresh_at`` = the earlier of ``at_fraction`` of the lifetime and
+  ``min_margin_s`` before expiry, but never before half the lifetime (so a
+  short-lived token is not re-minted on every request), minus a per-token
+  jitter so replicas and scope sets do not line up.
+* a token past ``refresh_at`` is *stale*: still served, while a background
+  flight replaces it; if the token endpoint is down it keeps being served.
+* a token within ``send_margin`` of expiry is *unusable*: never sent, because
+  it could expire on the way to the API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable, Iterable
+from typing import Protocol
+
+from proxy.errors import ProxyError, TokenError
+from proxy.metrics import Metrics
+from proxy.settings import RefreshSettings
+from proxy.tokens.cache import MemoryTokenCache, TokenCache
+from proxy.tokens.model import CacheKey, Credentials, Token
+
+log = logging.getLogger("proxy.tokens")
+
+Clock = Callable[[], float]
+_MAX_SEND_MARGIN_S = 5.0
+
+
+class Minter(Protocol):
+    async def mint(self, scopes: tuple[str, ...], audience: str) -> Token: ...
+
+
+class CredentialSource(Protocol):
+    def current(self) -> Credentials: ...
+
+
+class TokenManager:
+    """Hands out tokens per (audience, scope set); owns the refresher task."""
+
+    def __init__(
+        self,
+        source: Minter,
+        credentials: CredentialSource,
+        *,
+        refresh: RefreshSettings,
+        clock: Clock,
+        metrics: Metrics,
+        shared: TokenCache | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._source = source
+        self._credentials = credentials
+        self._policy = refresh
+        self._clock = clock
+        self._metrics = metrics
+        self._shared = shared
+        self._rng = rng or random.Random()
+        self.memory = MemoryTokenCache(clock)
+        self._flights: dict[CacheKey, asyncio.Task[Token]] = {}
+        self._last_used: dict[CacheKey, float] = {}
+        self._jitter: dict[str, float] = {}  # token digest -> seconds to refresh early
+        self._keys: dict[tuple[str, tuple[str, ...]], CacheKey] = {}
+        self._keys_fingerprint = ""
+        self._memory_hit = metrics.cache_lookups.labels("memory", "hit")
+        self._memory_stale = metrics.cache_lookups.labels("memory", "stale")
+        self._memory_miss = metrics.cache_lookups.labels("memory", "miss")
+
+    # ----------------------------------------------------------- request path
+    def key_for(self, scopes: tuple[str, ...], audience: str) -> CacheKey:
+        """The cache key under the current credentials (memoised per scope set)."""
+        creds = self._credentials.current()
+        if creds.fingerprint != self._keys_fingerprint:
+            self._keys.clear()
+            self._keys_fingerprint = creds.fingerprint
+        key = self._keys.get((audience, scopes))
+        if key is None:
+            key = self._keys[(audience, scopes)] = CacheKey.create(creds, scopes, audience)
+        return key
+
+    async def get(self, scopes: tuple[str, ...], audience: str) -> Token:
+        """A token that is valid now for exactly this scope set and audience."""
+        key = self.key_for(scopes, audience)
+        now = self._clock()
+        self._last_used[key] = now
+        token = self.memory.peek(key)
+        if token is not None and self.usable(token, now):
+            if now >= self.refresh_at(token):
+                self._memory_stale.inc()
+                self._start_flight(key, None)  # refresh behind the request, never in front of it
+            else:
+                self._memory_hit.inc()
+            self._metrics.token_age_at_use.observe(now - token.issued_at)
+            return token
+        self._memory_miss.inc()
+        return await self._await_flight(key, None)
+
+    async def replace(self, key: CacheKey, rejected: Token) -> Token:
+        """After an upstream 401: purge ``rejected`` if still cached, get a new token once.
+
+        Every request that saw the same token rejected joins one flight, and a
+        request arriving after the flight landed simply picks up its token.
+        """
+        await self.memory.purge_if_same(key, rejected)
+        if self._shared is not None:
+            await self._shared.purge_if_same(key, rejected)
+        current = self.memory.peek(key)
+        if current is not None and not current.same_as(rejected) and self.usable(current, self._clock()):
+            return current
+        log.info("token purged after upstream 401",
+                 extra={"event": "purge", "scopes": key.scope_label, "digest": rejected.digest})
+        token = await self._await_flight(key, rejected)
+        if token.same_as(rejected):  # joined a refresh that started before the purge
+            token = await self._await_flight(key, rejected)
+        return token
+
+    # ------------------------------------------------------------- freshness
+    def usable(self, token: Token, now: float) -> bool:
+        """Safe to send: not within the send margin of expiry."""
+        margin = min(_MAX_SEND_MARGIN_S, 0.1 * token.lifetime)
+        return now < token.expires_at - margin
+
+    def refresh_at(self, token: Token) -> float:
+        life = token.lifetime
+        policy = self._policy
+        due = min(token.issued_at + policy.at_fraction * life, token.expires_at - policy.min_margin_s)
+        due = max(due, token.issued_at + 0.5 * life)
+        return due - self._jitter_for(token)
+
+    def _jitter_for(self, token: Token) -> float:
+        jitter = self._jitter.get(token.digest)
+        if jitter is None:
+            if len(self._jitter) > 4096:
+                self._jitter.clear()
+            spread = min(self._policy.jitter_s, 0.05 * token.lifetime)
+            jitter = self._jitter[token.digest] = self._rng.uniform(0.0, spread)
+        return jitter
+
+    def is_fresh(self, token: Token | None, now: float) -> bool:
+        return token is not None and self.usable(token, now) and now < self.refresh_at(token)
+
+    # ---------------------------------------------------------- single flight
+    def _start_flight(self, key: CacheKey, rejected: Token | None) -> asyncio.Task[Token]:
+        flight = self._flights.get(key)
+        if flight is None or flight.done():
+            flight = asyncio.get_running_loop().create_task(self._fill(key, rejected))
+            self._flights[key] = flight
+            flight.add_done_callback(lambda done: self._flight_done(key, done))
+        return flight
+
+    def _flight_done(self, key: CacheKey, done: asyncio.Task[Token]) -> None:
+        if self._flights.get(key) is done:
+            del self._flights[key]
+        if not done.cancelled() and done.exception() is not None:
+            # Retrieve it so asyncio does not warn when nobody was waiting (a background refresh).
+            log.debug("token flight failed", extra={"event": "flight_failed", "scopes": key.scope_label})
+
+    async def _await_flight(self, key: CacheKey, rejected: Token | None) -> Token:
+        return await asyncio.shield(self._start_flight(key, rejected))
+
+    async def _fill(self, key: CacheKey, rejected: Token | None) -> Token:
+        """Find or mint a token for ``key``; fall back to a stale-but-usable one if minting fails."""
+        fallback = self._usable_memory(key, rejected)
+        shared = await self._shared_token(key, rejected)
+        if shared is not None:
+            if self.is_fresh(shared, self._clock()):
+                return shared
+            fallback = fallback or shared
+        if self._shared is None:
+            return await self._mint(key, fallback)
+        async with self._shared.lease(key):
+            shared = await self._shared_token(key, rejected)  # the lease holder before us may have minted
+            if shared is not None and self.is_fresh(shared, self._clock()):
+                return shared
+            return await self._mint(key, fallback)
+
+    def _usable_memory(self, key: CacheKey, rejected: Token | None) -> Token | None:
+        token = self.memory.peek(key)
+        if token is None or token.same_as(rejected) or not self.usable(token, self._clock()):
+            return None
+        return token
+
+    async def _shared_token(self, key: CacheKey, rejected: Token | None) -> Token | None:
+        """The shared tier's token (copied into memory), unless it is the rejected one."""
+        if self._shared is None:
+            return None
+        token = await self._shared.get(key)
+        if token is None or token.same_as(rejected) or not self.usable(token, self._clock()):
+            self._metrics.cache_lookups.labels("redis", "miss").inc()
+            return None
+        self._metrics.cache_lookups.labels("redis", "hit").inc()
+        await self._store_memory(key, token)
+        return token
+
+    async def _mint(self, key: CacheKey, fallback: Token | None) -> Token:
+        try:
+            token = await self._source.mint(key.scopes, key.audience)
+        except TokenError:
+            if fallback is not None:
+                log.warning("token endpoint failing; serving the still-valid cached token",
+                            extra={"event": "serve_stale", "scopes": key.scope_label})
+                return fallback
+            raise
+        await self._store_memory(key, token)
+        if self._shared is not None:
+            await self._shared.put(key, token)
+        return token
+
+    async def _store_memory(self, key: CacheKey, token: Token) -> None:
+        await self.memory.put(key, token)
+        self._metrics.token_ttl.labels(key.scope_label).set(token.expires_at - self._clock())
+
+    # -------------------------------------------------------------- refresher
+    async def refresh_due(self) -> int:
+        """Start a flight for every recently used key whose token is stale or gone.
+
+        Returns how many flights were started. Keys idle longer than
+        ``refresh.idle_s`` are forgotten: nobody needs their token kept warm.
+        """
+        now = self._clock()
+        started = 0
+        for key, used in list(self._last_used.items()):
+            if now - used > self._policy.idle_s:
+                del self._last_used[key]
+                continue
+            token = self.memory.peek(key)
+            if token is not None:
+                self._metrics.token_ttl.labels(key.scope_label).set(max(0.0, token.expires_at - now))
+            if key not in self._flights and (token is None or now >= self.refresh_at(token)):
+                self._start_flight(key, None).add_done_callback(self._count_refresh)
+                started += 1
+        return started
+
+    def _count_refresh(self, done: asyncio.Task[Token]) -> None:
+        failed = done.cancelled() or done.exception() is not None
+        self._metrics.token_refreshes.labels("error" if failed else "ok").inc()
+
+    async def run_refresher(self, interval_s: float = 1.0) -> None:
+        """Background task: keep every scope set in use fresh until cancelled."""
+        while True:
+            try:
+                await self.refresh_due()
+            except Exception:  # a refresher that dies silently is worse than a logged error
+                log.exception("refresher tick failed", extra={"event": "refresh_error"})
+            await asyncio.sleep(interval_s)
+
+    async def prefetch(self, wanted: Iterable[tuple[tuple[str, ...], str]]) -> list[ProxyError]:
+        """Mint (or load from the shared tier) the given scope sets before traffic arrives."""
+        keys = {self.key_for(scopes, audience) for scopes, audience in wanted}
+        for key in keys:
+            self._last_used[key] = self._clock()
+        results = await asyncio.gather(*(self._await_flight(k, None) for k in keys), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, ProxyError)]
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, ProxyError):
+                raise result
+        return errors
+
+    def drop(self, key: CacheKey | None) -> None:
+        """Another replica (or ``flush``) invalidated a key, or everything."""
+        self.memory.drop(key)
+
+    def has_usable(self, scopes: tuple[str, ...], audience: str) -> bool:
+        token = self.memory.peek(self.key_for(scopes, audience))
+        return token is not None and self.usable(token, self._clock())
+
+    async def close(self) -> None:
+        for flight in list(self._flights.values()):
+            flight.cancel()
+        await asyncio.gather(*self._flights.values(), return_exceptions=True)
+        await self.memory.close()
