@@ -1,0 +1,196 @@
+"""Assembly: build the runtime from settings, serve the proxy and admin listeners, drain on stop.
+
+``ProxyServer`` is the one way the product runs: ``run``, ``demo``, the
+benchmarks and the test suite all start it, on real sockets, so what is
+tested is what ships.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import ssl
+import time
+from collections.abc import Callable
+from typing import Self
+
+import aiohttp
+from aiohttp import web
+
+from proxy.admin import make_admin_app
+from proxy.forward import Forwarder
+from proxy.metrics import Metrics
+from proxy.routes import RouteTable
+from proxy.settings import ListenAddress, Settings
+from proxy.tokens.cache import TokenCache
+from proxy.tokens.credentials import CredentialProvider
+from proxy.tokens.manager import TokenManager
+from proxy.tokens.source import TokenSource
+from proxy.tokens.verify import JwtVerifier
+
+log = logging.getLogger("proxy.app")
+Clock = Callable[[], float]
+
+
+def _ssl_context(ca_file: str | None) -> ssl.SSLContext:
+    """System trust plus an optional extra bundle; verification is never turned off."""
+    context = ssl.create_default_context()
+    if ca_file:
+        context.load_verify_locations(cafile=ca_file)
+    return context
+
+
+def _client_session(*, limit: int, timeout: aiohttp.ClientTimeout, ca_file: str | None) -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(
+        limit=limit, limit_per_host=limit, ttl_dns_cache=300, ssl=_ssl_context(ca_file),
+        keepalive_timeout=30,
+    )
+    return aiohttp.ClientSession(
+        connector=connector, timeout=timeout, auto_decompress=False, trust_env=False,
+        cookie_jar=aiohttp.DummyCookieJar(), read_bufsize=256 * 1024,
+        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+    )
+
+
+def open_shared_cache(settings: Settings, clock: Clock, metrics: Metrics) -> TokenCache | None:
+    """The shared (Redis) tier named by ``cache.url``, or None for ``memory://``."""
+    if settings.cache.url.startswith("memory://"):
+        return None
+    from proxy.tokens.redis_cache import RedisTokenCache  # only when configured
+
+    return RedisTokenCache.from_settings(settings.cache, clock=clock, metrics=metrics)
+
+
+class Runtime:
+    """Every long-lived object of one proxy process, opened and closed together."""
+
+    def __init__(self, settings: Settings, *, metrics: Metrics | None = None, clock: Clock = time.time) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.clock = clock
+        self.draining = False
+        self.table = RouteTable.compile(settings.routes)
+        up, auth = settings.upstream, settings.auth
+        self.upstream_session = _client_session(
+            limit=up.pool_size, ca_file=up.ca_file,
+            timeout=aiohttp.ClientTimeout(total=up.timeout_s, connect=up.connect_timeout_s,
+                                          sock_read=up.read_timeout_s),
+        )
+        self.auth_session = _client_session(
+            limit=16, ca_file=auth.ca_file, timeout=aiohttp.ClientTimeout(total=auth.timeout_s),
+        )
+        self.credentials = CredentialProvider(
+            auth.client_id, secret=auth.client_secret, secret_file=auth.client_secret_file,
+            metrics=self.metrics,
+        )
+        verifier = JwtVerifier(self.auth_session, auth.issuer, clock=clock) if auth.verify else None
+        self.source = TokenSource(auth, self.credentials, self.auth_session, clock=clock,
+                                  metrics=self.metrics, verifier=verifier)
+        self.shared = open_shared_cache(settings, clock, self.metrics)
+        self.tokens = TokenManager(self.source, self.credentials, refresh=settings.refresh, clock=clock,
+                                   metrics=self.metrics, shared=self.shared)
+        self.forwarder = Forwarder(up, self.table, self.tokens, self.upstream_session, self.metrics,
+                                   clock=clock, access_log_enabled=settings.logging.access_log)
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def prefetch_sets(self) -> list[tuple[tuple[str, ...], str]]:
+        mode = self.settings.refresh.prefetch
+        routes = [r for r in self.settings.routes if mode == "all" or (mode == "marked" and r.prefetch)]
+        return sorted({(r.scopes, r.audience) for r in routes})
+
+    async def start(self) -> None:
+        """Background tasks first, then a best-effort warm-up that never blocks start-up for long."""
+        self._tasks.append(asyncio.create_task(self.tokens.run_refresher(), name="ccp-refresher"))
+        if self.settings.auth.client_secret_file:
+            self._tasks.append(asyncio.create_task(self.credentials.watch(), name="ccp-secret-watch"))
+        if self.shared is not None:
+            await self.shared.start(self.tokens.drop)
+        self._tasks.append(asyncio.create_task(self._warm_up(), name="ccp-warm-up"))
+
+    async def _warm_up(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.source.discover()
+        for error in await self.tokens.prefetch(self.prefetch_sets()):
+            log.warning("prefetch failed", extra={"event": "prefetch_failed", "error": error.code})
+
+    def reload_credentials(self) -> None:
+        """SIGHUP: re-read the secret file now."""
+        self.credentials.reload()
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.tokens.close()
+        if self.shared is not None:
+            await self.shared.close()
+        await self.upstream_session.close()
+        await self.auth_session.close()
+
+
+async def _start_site(runner: web.BaseRunner, address: ListenAddress) -> web.BaseSite:
+    if address.unix_path:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(address.unix_path)
+        site: web.BaseSite = web.UnixSite(runner, address.unix_path)
+    else:
+        site = web.TCPSite(runner, address.host, address.port, reuse_port=os.name == "posix")
+    await site.start()
+    return site
+
+
+def _bound_url(site: web.BaseSite, runner: web.BaseRunner) -> str:
+    if isinstance(site, web.UnixSite):
+        return site.name
+    for address in runner.addresses:
+        if isinstance(address, tuple):
+            host, port = address[0], address[1]
+            return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    return site.name
+
+
+class ProxyServer:
+    """The proxy listener and the admin listener around one ``Runtime``."""
+
+    def __init__(self, settings: Settings, *, metrics: Metrics | None = None, clock: Clock = time.time) -> None:
+        self.runtime = Runtime(settings, metrics=metrics, clock=clock)
+        self.settings = settings
+        self.proxy_url = ""
+        self.admin_url = ""
+        self._proxy_runner: web.ServerRunner | None = None
+        self._admin_runner: web.AppRunner | None = None
+
+    async def start(self) -> Self:
+        await self.runtime.start()
+        server = web.Server(self.runtime.forwarder.handle, handler_cancellation=True)
+        self._proxy_runner = web.ServerRunner(server, shutdown_timeout=self.settings.shutdown_grace_s)
+        await self._proxy_runner.setup()
+        site = await _start_site(self._proxy_runner, self.settings.listen)
+        self.proxy_url = _bound_url(site, self._proxy_runner)
+        self._admin_runner = web.AppRunner(make_admin_app(self.runtime), access_log=None)
+        await self._admin_runner.setup()
+        admin_site = await _start_site(self._admin_runner, self.settings.admin_listen)
+        self.admin_url = _bound_url(admin_site, self._admin_runner)
+        log.info("proxy listening", extra={"event": "started", "listen": self.proxy_url,
+                                           "admin": self.admin_url, "routes": len(self.settings.routes)})
+        return self
+
+    async def stop(self) -> None:
+        """Drain: readiness fails at once, the listener closes, in-flight requests get the grace period."""
+        self.runtime.draining = True
+        if self._proxy_runner is not None:
+            await self._proxy_runner.cleanup()
+            self._proxy_runner = None
+        await self.runtime.close()
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
+            self._admin_runner = None
+        log.info("proxy stopped", extra={"event": "stopped"})
+
+    async def __aenter__(self) -> Self:
+        return await self.start()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()

@@ -1,0 +1,95 @@
+"""The ``credicorp-proxy`` command: parse arguments, load config, hand over to the app.
+
+Every failure a user can cause (a bad config, a port in use, a missing file)
+ends in a plain message and a non-zero exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import Sequence
+
+from proxy import __version__
+from proxy.errors import ConfigError
+
+
+def _add_config(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("-c", "--config", required=required, metavar="FILE",
+                        help="YAML config (CCP_* environment variables override its keys)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from proxy.emulator import cli as emulator_cli
+
+    parser = argparse.ArgumentParser(
+        prog="credicorp-proxy",
+        description="Sidecar proxy that calls the Credicorp API with least-privilege OAuth tokens.",
+    )
+    parser.add_argument("--version", action="version", version=f"credicorp-proxy {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = sub.add_parser("run", help="run the proxy")
+    _add_config(run, required=False)
+    check = sub.add_parser("check-config", help="validate a config and print its route table")
+    _add_config(check)
+    explain = sub.add_parser("explain", help="which route a request would match, and its scopes")
+    _add_config(explain)
+    explain.add_argument("method")
+    explain.add_argument("path")
+    demo = sub.add_parser("demo", help="emulator + proxy on localhost, no set-up needed")
+    demo.add_argument("--port", type=int, default=8080, help="proxy port (default 8080)")
+    demo.add_argument("--admin-port", type=int, default=9090)
+    demo.add_argument("--emulator-port", type=int, default=8444)
+    emulator = sub.add_parser("emulator", help="run only the Credicorp emulator")
+    emulator_cli.add_arguments(emulator)
+    flush = sub.add_parser("flush", help="drop every cached token of this client, on every replica")
+    _add_config(flush)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except ConfigError as exc:
+        print(f"credicorp-proxy: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # port in use, unreadable file, ...
+        print(f"credicorp-proxy: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from proxy import commands
+
+    if args.command == "emulator":
+        from proxy.emulator import cli as emulator_cli
+
+        return emulator_cli.run(args)
+    handlers = {
+        "run": commands.run,
+        "check-config": commands.check_config,
+        "explain": commands.explain,
+        "demo": commands.demo,
+        "flush": commands.flush,
+    }
+    return handlers[args.command](args)
+
+
+def run_until_signalled(serve: asyncio.Future[None] | None = None) -> asyncio.Event:
+    """An event set by SIGTERM/SIGINT (installed on the running loop)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""What each ``credicorp-proxy`` sub-command does, once its arguments are parsed."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Coroutine
+from importlib import resources
+from typing import Any
+
+import yaml
+
+from proxy.app import ProxyServer, open_shared_cache
+from proxy.cli import run_until_signalled
+from proxy.config import load_config, parse_config
+from proxy.inspect_config import render_check, render_explain
+from proxy.logs import configure_logging
+from proxy.metrics import Metrics
+from proxy.settings import Settings
+
+log = logging.getLogger("proxy.cli")
+
+
+def run_async(coro: Coroutine[Any, Any, int]) -> int:
+    """Run on uvloop when it is installed (the ``speed`` extra), else on asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def _log_warnings(settings: Settings) -> None:
+    for warning in settings.warnings:
+        log.warning(warning, extra={"event": "config_warning"})
+
+
+async def serve(settings: Settings, banner: str | None = None) -> int:
+    """Run until SIGTERM/SIGINT, re-reading the secret on SIGHUP; drain, then return 0."""
+    async with ProxyServer(settings) as server:
+        stop = run_until_signalled()
+        with contextlib.suppress(NotImplementedError):
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, server.runtime.reload_credentials)
+        if banner:
+            print(banner.format(proxy=server.proxy_url, admin=server.admin_url), flush=True)
+        await stop.wait()
+        log.info("signal received: draining", extra={"event": "draining",
+                                                     "grace_s": settings.shutdown_grace_s})
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = load_config(args.config)
+    configure_logging(settings.logging.level)
+    _log_warnings(settings)
+    return run_async(serve(settings))
+
+
+def check_config(args: argparse.Namespace) -> int:
+    settings = load_config(args.config)
+    print(render_check(settings))
+    return 0
+
+
+def explain(args: argparse.Namespace) -> int:
+    settings = load_config(args.config)
+    text, code = render_explain(settings, args.method, args.path)
+    print(text)
+    return code
+
+
+def flush(args: argparse.Namespace) -> int:
+    settings = load_config(args.config)
+    configure_logging(settings.logging.level)
+    if settings.cache.url.startswith("memory://"):
+        print("cache.url is memory://: tokens live only inside each running proxy; "
+              "restart the proxies to drop them.", file=sys.stderr)
+        return 1
+    return run_async(_flush(settings))
+
+
+async def _flush(settings: Settings) -> int:
+    import time
+
+    cache = open_shared_cache(settings, time.time, Metrics())
+    assert cache is not None
+    try:
+        dropped = await cache.purge_all(settings.auth.client_id)
+    finally:
+        await cache.close()
+    print(f"dropped {dropped} cached token(s) of {settings.auth.client_id}; "
+          "every replica was told to drop its memory copies")
+    return 0
+
+
+# ------------------------------------------------------------------- demo
+DEMO_CURLS = """
+credicorp-proxy demo is running.
+  emulator (Credicorp stand-in): {emulator}
+  proxy:                         {{proxy}}
+  admin:                         {{admin}}/metrics  /healthz  /readyz
+
+Try it (no credentials needed: the proxy adds a least-privilege token):
+  # read a decision (token scoped to decisions:read only)
+  curl -s {{proxy}}/partner/v1/decisions/dec_demo_001
+  # create an application (token scoped to applications:write only)
+  curl -s -X POST {{proxy}}/partner/v1/applications -H 'Content-Type: application/json' \\
+       -d '{{{{"company_number": "09876543", "amount": 25000, "purpose": "working capital"}}}}'
+  # a route the table does not allow is refused by the proxy itself (403 route_not_allowed)
+  curl -si -X DELETE {{proxy}}/partner/v1/applications/app_demo_001
+  # see the tokens the emulator minted, one per scope set
+  curl -s {emulator}/_emulator/stats
+
+Press Ctrl-C to stop.
+"""
+
+
+def demo_settings(port: int, admin_port: int, emulator_url: str) -> Settings:
+    """The packaged partner/v1 route table pointed at a local emulator, memory cache."""
+    routes = yaml.safe_load(resources.files("proxy").joinpath("data/credicorp-partner-v1.yaml").read_text())
+    raw = {
+        "upstream": {"url": emulator_url},
+        "auth": {"issuer": emulator_url, "client_id": "cc_client_demo", "client_secret": "demo-secret"},
+        "listen": f"127.0.0.1:{port}",
+        "admin_listen": f"127.0.0.1:{admin_port}",
+        "cache": {"url": "memory://"},
+        "routes": routes["routes"],
+    }
+    return parse_config(raw, env={})
+
+
+def demo(args: argparse.Namespace) -> int:
+    configure_logging("info")
+    return run_async(_demo(args))
+
+
+async def _demo(args: argparse.Namespace) -> int:
+    from proxy.emulator.app import EmulatorServer
+
+    async with EmulatorServer(host="127.0.0.1", port=args.emulator_port) as emulator:
+        settings = demo_settings(args.port, args.admin_port, emulator.url)
+        return await serve(settings, banner=DEMO_CURLS.format(emulator=emulator.url))

@@ -1,0 +1,330 @@
+"""The request path, top to bottom.
+
+validate target -> match route -> get token -> build upstream request ->
+stream -> on 401 purge + retry once -> map errors.
+
+Everything the handler needs per request is prepared once in ``Forwarder``'s
+constructor (origin, timeouts, label children); the handler itself does no
+work that could be done at start-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from proxy import errors
+from proxy.headers import downstream_response_headers, upstream_request_headers
+from proxy.metrics import Metrics
+from proxy.paths import SafeTarget, validate_target
+from proxy.routes import RouteTable
+from proxy.scopes import KNOWN_SCOPES
+from proxy.settings import RouteSpec, UpstreamSettings
+from proxy.tokens.manager import TokenManager
+from proxy.tokens.model import Token
+
+access_log = logging.getLogger("proxy.access")
+log = logging.getLogger("proxy.forward")
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_WWW_AUTH_ERROR = re.compile(r'error="?([A-Za-z_]+)"?')
+_WWW_AUTH_SCOPE = re.compile(r'scope="([^"]*)"')
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_CHUNK = 256 * 1024
+NO_ROUTE = "(none)"
+
+
+class ClientGone(Exception):
+    """The client's connection broke while we were streaming to it."""
+
+
+@dataclass(slots=True)
+class Exchange:
+    """What one request did, for the access log and metrics."""
+
+    request_id: str
+    method: str
+    route: str = NO_ROUTE
+    status: int = 0
+    upstream_status: int | None = None
+    upstream_s: float = 0.0
+    retried: bool = False
+    error: str | None = None
+    token_digest: str | None = None
+    started: float = field(default_factory=time.perf_counter)
+
+
+class Forwarder:
+    """The proxy listener's one handler."""
+
+    def __init__(
+        self,
+        upstream: UpstreamSettings,
+        table: RouteTable,
+        tokens: TokenManager,
+        session: aiohttp.ClientSession,
+        metrics: Metrics,
+        *,
+        clock: Callable[[], float] = time.time,
+        access_log_enabled: bool = True,
+    ) -> None:
+        self._settings = upstream
+        self._origin = upstream.url.rstrip("/")
+        self._table = table
+        self._tokens = tokens
+        self._session = session
+        self._metrics = metrics
+        self._clock = clock
+        self._access_log = access_log_enabled
+        self._in_flight = metrics.in_flight
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        ex = Exchange(_request_id(request), request.method if request.method in _METHODS else "OTHER")
+        self._in_flight.inc()
+        try:
+            response = await self._proxy(request, ex)
+        except errors.ProxyError as exc:
+            response = self._error_response(exc, ex)
+        except ClientGone:
+            ex.error, ex.status = "client_gone", 499
+            response = web.Response(status=499)
+        finally:
+            self._in_flight.dec()
+        self._record(ex)
+        return response
+
+    async def _proxy(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
+        target = validate_target(request.method, request.raw_path)
+        route = self._table.match(request.method, target.segments)
+        if route is None:
+            raise errors.RouteNotAllowed(f"no route allows {request.method} {target.path}")
+        ex.route = route.label
+        self._check_declared_length(request)
+        headers = upstream_request_headers(
+            request.headers, replace_forwarded=self._settings.forwarded_headers
+        )
+        self._add_forwarding_headers(request, headers, ex)
+        body, replayable = await self._request_body(request)
+        started = self._clock()
+        token = await self._tokens.get(route.scopes, route.audience)
+        upstream = await self._send(request, target, headers, body, token, ex)
+        if upstream.status == 401 and _invalid_token(upstream):
+            upstream = await self._retry_401(request, route, target, headers, body, token,
+                                             upstream, replayable, started, ex)
+        if upstream.status == 403:
+            self._note_insufficient_scope(upstream, route, ex)
+        return await self._relay(request, upstream, ex)
+
+    # ------------------------------------------------------------ request side
+    def _check_declared_length(self, request: web.Request) -> None:
+        limit = self._settings.max_body_bytes
+        if limit is not None and (request.content_length or 0) > limit:
+            raise errors.BodyTooLarge(f"request body over the {limit}-byte limit")
+
+    def _add_forwarding_headers(self, request: web.Request, headers: CIMultiDict[str], ex: Exchange) -> None:
+        headers["X-Request-Id"] = ex.request_id
+        if self._settings.forwarded_headers:
+            headers["X-Forwarded-For"] = request.remote or "unknown"
+            headers["X-Forwarded-Proto"] = request.scheme
+
+    async def _request_body(self, request: web.Request) -> tuple[bytes | AsyncIterator[bytes] | None, bool]:
+        """The body to send, and whether it is kept whole so a 401 retry can resend it.
+
+        Bodies up to ``retry_body_limit`` are read into memory; larger ones (or
+        chunked ones that grow past the limit) are streamed with flat memory.
+        """
+        if not request.body_exists:
+            return None, True
+        keep = self._settings.retry_body_limit
+        if request.content_length is not None and request.content_length <= keep:
+            return await self._read_all(request), True
+        head = bytearray()
+        while len(head) <= keep:
+            chunk = await request.content.readany()
+            if not chunk:
+                return bytes(head), True
+            head += chunk
+        return self._stream_rest(request, bytes(head)), False
+
+    async def _read_all(self, request: web.Request) -> bytes:
+        try:
+            return await request.read()
+        except (aiohttp.ClientConnectionError, ConnectionResetError) as exc:
+            raise ClientGone() from exc
+
+    async def _stream_rest(self, request: web.Request, head: bytes) -> AsyncIterator[bytes]:
+        limit = self._settings.max_body_bytes
+        sent = len(head)
+        yield head
+        while chunk := await request.content.readany():
+            sent += len(chunk)
+            if limit is not None and sent > limit:
+                raise errors.BodyTooLarge(f"request body over the {limit}-byte limit")
+            yield chunk
+
+    async def _send(
+        self,
+        request: web.Request,
+        target: SafeTarget,
+        headers: CIMultiDict[str],
+        body: bytes | AsyncIterator[bytes] | None,
+        token: Token,
+        ex: Exchange,
+    ) -> aiohttp.ClientResponse:
+        headers["Authorization"] = "Bearer " + token.value
+        ex.token_digest = token.digest
+        url = URL(self._origin + target.path + ("?" + target.query if target.query else ""), encoded=True)
+        started = time.perf_counter()
+        try:
+            return await self._session.request(
+                request.method, url, headers=headers, data=body, allow_redirects=False,
+            )
+        except errors.ProxyError:
+            raise
+        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            raise errors.UpstreamTimeout("the Credicorp API did not answer in time") from exc
+        except aiohttp.ClientPayloadError as exc:
+            raise ClientGone() from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise errors.UpstreamUnreachable(f"cannot reach the Credicorp API ({type(exc).__name__})") from exc
+        finally:
+            ex.upstream_s += time.perf_counter() - started
+
+    async def _retry_401(
+        self,
+        request: web.Request,
+        route: RouteSpec,
+        target: SafeTarget,
+        headers: CIMultiDict[str],
+        body: bytes | AsyncIterator[bytes] | None,
+        token: Token,
+        first: aiohttp.ClientResponse,
+        replayable: bool,
+        started: float,
+        ex: Exchange,
+    ) -> aiohttp.ClientResponse:
+        """Compare-and-purge the rejected token and resend once with a new one.
+
+        Not retried: a body too large to have been kept, and a token minted
+        during this very request (a brand-new token being refused is not a
+        stale-cache problem, and another mint would not fix it).
+        """
+        retries = self._metrics.retries_401
+        if not replayable:
+            retries.labels("body_not_replayable").inc()
+            return first
+        if token.issued_at >= started:
+            retries.labels("fresh_token_rejected").inc()
+            return first
+        first.release()
+        key = self._tokens.key_for(route.scopes, route.audience)
+        fresh = await self._tokens.replace(key, token)
+        ex.retried = True
+        second = await self._send(request, target, headers, body, fresh, ex)
+        retries.labels("second_401" if second.status == 401 else "success").inc()
+        return second
+
+    def _note_insufficient_scope(self, upstream: aiohttp.ClientResponse, route: RouteSpec, ex: Exchange) -> None:
+        challenge = upstream.headers.get("WWW-Authenticate", "")
+        if "insufficient_scope" not in challenge:
+            return
+        match = _WWW_AUTH_SCOPE.search(challenge)
+        needed = match.group(1) if match else ""
+        label = needed if needed in KNOWN_SCOPES else "unknown"
+        self._metrics.insufficient_scope.labels(route.label, label).inc()
+        log.warning(
+            "upstream says the route's scope set is not enough; fix the route table",
+            extra={"event": "insufficient_scope", "route": route.label, "needed_scope": label,
+                   "route_scopes": " ".join(route.scopes), "request_id": ex.request_id},
+        )
+
+    # ----------------------------------------------------------- response side
+    async def _relay(
+        self, request: web.Request, upstream: aiohttp.ClientResponse, ex: Exchange
+    ) -> web.StreamResponse:
+        """Stream the API's answer back byte for byte; reset the client on a broken upstream body."""
+        ex.status = ex.upstream_status = upstream.status
+        response = web.StreamResponse(
+            status=upstream.status, reason=upstream.reason,
+            headers=downstream_response_headers(upstream.headers),
+        )
+        response.headers["X-Request-Id"] = ex.request_id
+        if upstream.content_length is not None:
+            response.content_length = upstream.content_length
+        try:
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_chunked(_CHUNK):
+                await response.write(chunk)
+            await response.write_eof()
+        except ConnectionResetError:  # the client went away (aiohttp's ClientConnectionResetError too)
+            ex.error = "client_gone"
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            ex.error = "upstream_broke_mid_body"
+            log.warning("upstream broke mid-response; resetting the client connection",
+                        extra={"event": "upstream_mid_body", "request_id": ex.request_id,
+                               "error": type(exc).__name__})
+            _reset(request)
+        finally:
+            upstream.close() if ex.error else upstream.release()
+        return response
+
+    def _error_response(self, exc: errors.ProxyError, ex: Exchange) -> web.Response:
+        ex.status, ex.error = exc.status, exc.code
+        self._metrics.proxy_errors.labels(exc.code).inc()
+        return error_response(exc, ex.request_id)
+
+    # ------------------------------------------------------------- accounting
+    def _record(self, ex: Exchange) -> None:
+        self._metrics.requests.labels(ex.route, ex.method, str(ex.status)).inc()
+        if ex.upstream_status is not None:
+            self._metrics.request_duration.labels(ex.route).observe(ex.upstream_s)
+        if self._access_log:
+            access_log.info(
+                "request",
+                extra={
+                    "event": "request", "request_id": ex.request_id, "method": ex.method,
+                    "route": ex.route, "status": ex.status, "upstream_status": ex.upstream_status,
+                    "duration_ms": round((time.perf_counter() - ex.started) * 1000, 2),
+                    "upstream_ms": round(ex.upstream_s * 1000, 2), "retried": ex.retried,
+                    "proxy_error": ex.error, "token_digest": ex.token_digest,
+                },
+            )
+
+
+def error_response(exc: errors.ProxyError, request_id: str | None = None) -> web.Response:
+    """The proxy's own JSON error body, marked so apps can tell it from an upstream error."""
+    response = web.json_response(
+        {"error": exc.code, "error_description": exc.description}, status=exc.status,
+        headers={"X-Credicorp-Proxy-Error": exc.code, **exc.headers()},
+    )
+    if request_id:
+        response.headers["X-Request-Id"] = request_id
+    return response
+
+
+def _request_id(request: web.Request) -> str:
+    supplied = request.headers.get("X-Request-Id", "")
+    return supplied if _REQUEST_ID.fullmatch(supplied) else uuid.uuid4().hex
+
+
+def _invalid_token(upstream: aiohttp.ClientResponse) -> bool:
+    """A 401 that a new token could fix: ``invalid_token``, or a bare Bearer challenge."""
+    match = _WWW_AUTH_ERROR.search(upstream.headers.get("WWW-Authenticate", ""))
+    return match is None or match.group(1) == "invalid_token"
+
+
+def _reset(request: web.Request) -> None:
+    """Abort the client connection so a truncated body can never look complete."""
+    transport = request.transport
+    if transport is not None:
+        transport.abort()

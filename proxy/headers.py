@@ -1,0 +1,69 @@
+"""Which headers cross the proxy, in each direction.
+
+Request headers are filtered *before* the token is attached, so nothing a
+client sends (``Connection: Authorization``, a second ``Authorization``, a
+``Proxy-Authorization``) can remove, replace or duplicate the proxy's own
+credential. Framing headers are never copied: the proxy's HTTP client frames
+the body it actually sends, which closes the door on request smuggling.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+#: RFC 9110 §7.6.1 hop-by-hop headers, plus the proxy-auth family and framing.
+HOP_BY_HOP: Final = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authenticate",
+        "proxy-authorization",
+    }
+)
+#: Never forwarded upstream: credentials the client must not hold, framing the client chose,
+#: and the client's Host (the upstream Host comes from the configured origin).
+REQUEST_DROP: Final = HOP_BY_HOP | {"authorization", "host", "content-length", "expect"}
+FORWARDED: Final = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded"})
+#: Framing of the response is re-done by our server; everything else passes through as sent.
+RESPONSE_DROP: Final = HOP_BY_HOP | {"content-length"}
+
+
+def _connection_listed(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
+    listed: set[str] = set()
+    for value in headers.getall("Connection", ()):
+        listed.update(name.strip().lower() for name in value.split(",") if name.strip())
+    return listed
+
+
+def upstream_request_headers(
+    incoming: CIMultiDictProxy[str], *, replace_forwarded: bool = False
+) -> CIMultiDict[str]:
+    """The client's end-to-end headers, minus everything that must not reach the API."""
+    drop = REQUEST_DROP | _connection_listed(incoming)
+    if replace_forwarded:
+        drop = drop | FORWARDED
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in incoming.items():
+        lowered = name.lower()
+        if lowered not in drop and not lowered.startswith("proxy-"):
+            out.add(name, value)
+    return out
+
+
+def downstream_response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    """The API's end-to-end response headers (Set-Cookie and other repeats kept)."""
+    drop = RESPONSE_DROP | _connection_listed(upstream)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream.items():
+        lowered = name.lower()
+        if lowered not in drop and not lowered.startswith("proxy-"):
+            out.add(name, value)
+    return out
