@@ -25,8 +25,11 @@ def readiness(runtime: Runtime) -> tuple[bool, dict[str, Any]]:
         return False, {"ready": False, "reason": "draining"}
     health = runtime.source.health()
     if health.credentials_rejected:
-        return False, {"ready": False, "reason": "credentials_rejected",
-                       "detail": "the token endpoint said invalid_client; fix or rotate the secret"}
+        return False, {
+            "ready": False,
+            "reason": "credentials_rejected",
+            "detail": "the token endpoint said invalid_client; fix or rotate the secret",
+        }
     prefetched = runtime.prefetch_sets()
     missing = [" ".join(s) for s, aud in prefetched if not runtime.tokens.has_usable(s, aud)]
     if prefetched and not missing:
@@ -35,8 +38,12 @@ def readiness(runtime: Runtime) -> tuple[bool, dict[str, Any]]:
     endpoint_ok = not backing_off and (health.last_success_at is not None or health.last_error is None)
     if endpoint_ok:
         return True, {"ready": True, "warming": missing} if missing else {"ready": True}
-    return False, {"ready": False, "reason": "token_endpoint_unavailable", "missing": missing,
-                   "detail": health.last_error}
+    return False, {
+        "ready": False,
+        "reason": "token_endpoint_unavailable",
+        "missing": missing,
+        "detail": health.last_error,
+    }
 
 
 async def _readyz(request: web.Request) -> web.Response:

@@ -42,14 +42,23 @@ def _ssl_context(ca_file: str | None) -> ssl.SSLContext:
     return context
 
 
-def _client_session(*, limit: int, timeout: aiohttp.ClientTimeout, ca_file: str | None) -> aiohttp.ClientSession:
+def _client_session(
+    *, limit: int, timeout: aiohttp.ClientTimeout, ca_file: str | None
+) -> aiohttp.ClientSession:
     connector = aiohttp.TCPConnector(
-        limit=limit, limit_per_host=limit, ttl_dns_cache=300, ssl=_ssl_context(ca_file),
+        limit=limit,
+        limit_per_host=limit,
+        ttl_dns_cache=300,
+        ssl=_ssl_context(ca_file),
         keepalive_timeout=30,
     )
     return aiohttp.ClientSession(
-        connector=connector, timeout=timeout, auto_decompress=False, trust_env=False,
-        cookie_jar=aiohttp.DummyCookieJar(), read_bufsize=256 * 1024,
+        connector=connector,
+        timeout=timeout,
+        auto_decompress=False,
+        trust_env=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        read_bufsize=256 * 1024,
         skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
     )
 
@@ -66,7 +75,9 @@ def open_shared_cache(settings: Settings, clock: Clock, metrics: Metrics) -> Tok
 class Runtime:
     """Every long-lived object of one proxy process, opened and closed together."""
 
-    def __init__(self, settings: Settings, *, metrics: Metrics | None = None, clock: Clock = time.time) -> None:
+    def __init__(
+        self, settings: Settings, *, metrics: Metrics | None = None, clock: Clock = time.time
+    ) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.clock = clock
@@ -74,25 +85,45 @@ class Runtime:
         self.table = RouteTable.compile(settings.routes)
         up, auth = settings.upstream, settings.auth
         self.upstream_session = _client_session(
-            limit=up.pool_size, ca_file=up.ca_file,
-            timeout=aiohttp.ClientTimeout(total=up.timeout_s, connect=up.connect_timeout_s,
-                                          sock_read=up.read_timeout_s),
+            limit=up.pool_size,
+            ca_file=up.ca_file,
+            timeout=aiohttp.ClientTimeout(
+                total=up.timeout_s, connect=up.connect_timeout_s, sock_read=up.read_timeout_s
+            ),
         )
         self.auth_session = _client_session(
-            limit=16, ca_file=auth.ca_file, timeout=aiohttp.ClientTimeout(total=auth.timeout_s),
+            limit=16,
+            ca_file=auth.ca_file,
+            timeout=aiohttp.ClientTimeout(total=auth.timeout_s),
         )
         self.credentials = CredentialProvider(
-            auth.client_id, secret=auth.client_secret, secret_file=auth.client_secret_file,
+            auth.client_id,
+            secret=auth.client_secret,
+            secret_file=auth.client_secret_file,
             metrics=self.metrics,
         )
         verifier = JwtVerifier(self.auth_session, auth.issuer, clock=clock) if auth.verify else None
-        self.source = TokenSource(auth, self.credentials, self.auth_session, clock=clock,
-                                  metrics=self.metrics, verifier=verifier)
+        self.source = TokenSource(
+            auth, self.credentials, self.auth_session, clock=clock, metrics=self.metrics, verifier=verifier
+        )
         self.shared = open_shared_cache(settings, clock, self.metrics)
-        self.tokens = TokenManager(self.source, self.credentials, refresh=settings.refresh, clock=clock,
-                                   metrics=self.metrics, shared=self.shared)
-        self.forwarder = Forwarder(up, self.table, self.tokens, self.upstream_session, self.metrics,
-                                   clock=clock, access_log_enabled=settings.logging.access_log)
+        self.tokens = TokenManager(
+            self.source,
+            self.credentials,
+            refresh=settings.refresh,
+            clock=clock,
+            metrics=self.metrics,
+            shared=self.shared,
+        )
+        self.forwarder = Forwarder(
+            up,
+            self.table,
+            self.tokens,
+            self.upstream_session,
+            self.metrics,
+            clock=clock,
+            access_log_enabled=settings.logging.access_log,
+        )
         self._tasks: list[asyncio.Task[None]] = []
 
     def prefetch_sets(self) -> list[tuple[tuple[str, ...], str]]:
@@ -154,7 +185,9 @@ def _bound_url(site: web.BaseSite, runner: web.BaseRunner) -> str:
 class ProxyServer:
     """The proxy listener and the admin listener around one ``Runtime``."""
 
-    def __init__(self, settings: Settings, *, metrics: Metrics | None = None, clock: Clock = time.time) -> None:
+    def __init__(
+        self, settings: Settings, *, metrics: Metrics | None = None, clock: Clock = time.time
+    ) -> None:
         self.runtime = Runtime(settings, metrics=metrics, clock=clock)
         self.settings = settings
         self.proxy_url = ""
@@ -173,8 +206,15 @@ class ProxyServer:
         await self._admin_runner.setup()
         admin_site = await _start_site(self._admin_runner, self.settings.admin_listen)
         self.admin_url = _bound_url(admin_site, self._admin_runner)
-        log.info("proxy listening", extra={"event": "started", "listen": self.proxy_url,
-                                           "admin": self.admin_url, "routes": len(self.settings.routes)})
+        log.info(
+            "proxy listening",
+            extra={
+                "event": "started",
+                "listen": self.proxy_url,
+                "admin": self.admin_url,
+                "routes": len(self.settings.routes),
+            },
+        )
         return self
 
     async def stop(self) -> None:

@@ -18,8 +18,13 @@ from proxy.errors import ConfigError
 
 
 def _add_config(parser: argparse.ArgumentParser, required: bool = True) -> None:
-    parser.add_argument("-c", "--config", required=required, metavar="FILE",
-                        help="YAML config (CCP_* environment variables override its keys)")
+    parser.add_argument(
+        "-c",
+        "--config",
+        required=required,
+        metavar="FILE",
+        help="YAML config (CCP_* environment variables override its keys)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -48,8 +48,9 @@ async def serve(settings: Settings, banner: str | None = None) -> int:
         if banner:
             print(banner.format(proxy=server.proxy_url, admin=server.admin_url), flush=True)
         await stop.wait()
-        log.info("signal received: draining", extra={"event": "draining",
-                                                     "grace_s": settings.shutdown_grace_s})
+        log.info(
+            "signal received: draining", extra={"event": "draining", "grace_s": settings.shutdown_grace_s}
+        )
     return 0
 
 
@@ -77,8 +78,11 @@ def flush(args: argparse.Namespace) -> int:
     settings = load_config(args.config)
     configure_logging(settings.logging.level)
     if settings.cache.url.startswith("memory://"):
-        print("cache.url is memory://: tokens live only inside each running proxy; "
-              "restart the proxies to drop them.", file=sys.stderr)
+        print(
+            "cache.url is memory://: tokens live only inside each running proxy; "
+            "restart the proxies to drop them.",
+            file=sys.stderr,
+        )
         return 1
     return run_async(_flush(settings))
 
@@ -92,8 +96,10 @@ async def _flush(settings: Settings) -> int:
         dropped = await cache.purge_all(settings.auth.client_id)
     finally:
         await cache.close()
-    print(f"dropped {dropped} cached token(s) of {settings.auth.client_id}; "
-          "every replica was told to drop its memory copies")
+    print(
+        f"dropped {dropped} cached token(s) of {settings.auth.client_id}; "
+        "every replica was told to drop its memory copies"
+    )
     return 0
 
 

@@ -10,7 +10,6 @@ work that could be done at start-up.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import time
@@ -119,8 +118,9 @@ class Forwarder:
         token = await self._tokens.get(route.scopes, route.audience)
         upstream = await self._send(request, target, headers, body, token, ex)
         if upstream.status == 401 and _invalid_token(upstream):
-            upstream = await self._retry_401(request, route, target, headers, body, token,
-                                             upstream, replayable, started, ex)
+            upstream = await self._retry_401(
+                request, route, target, headers, body, token, upstream, replayable, started, ex
+            )
         if upstream.status == 403:
             self._note_insufficient_scope(upstream, route, ex)
         return await self._relay(request, upstream, ex)
@@ -187,16 +187,22 @@ class Forwarder:
         started = time.perf_counter()
         try:
             return await self._session.request(
-                request.method, url, headers=headers, data=body, allow_redirects=False,
+                request.method,
+                url,
+                headers=headers,
+                data=body,
+                allow_redirects=False,
             )
         except errors.ProxyError:
             raise
-        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError) as exc:
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise errors.UpstreamTimeout("the Credicorp API did not answer in time") from exc
         except aiohttp.ClientPayloadError as exc:
             raise ClientGone() from exc
         except (aiohttp.ClientError, OSError) as exc:
-            raise errors.UpstreamUnreachable(f"cannot reach the Credicorp API ({type(exc).__name__})") from exc
+            raise errors.UpstreamUnreachable(
+                f"cannot reach the Credicorp API ({type(exc).__name__})"
+            ) from exc
         finally:
             ex.upstream_s += time.perf_counter() - started
 
@@ -234,7 +240,9 @@ class Forwarder:
         retries.labels("second_401" if second.status == 401 else "success").inc()
         return second
 
-    def _note_insufficient_scope(self, upstream: aiohttp.ClientResponse, route: RouteSpec, ex: Exchange) -> None:
+    def _note_insufficient_scope(
+        self, upstream: aiohttp.ClientResponse, route: RouteSpec, ex: Exchange
+    ) -> None:
         challenge = upstream.headers.get("WWW-Authenticate", "")
         if "insufficient_scope" not in challenge:
             return
@@ -244,8 +252,13 @@ class Forwarder:
         self._metrics.insufficient_scope.labels(route.label, label).inc()
         log.warning(
             "upstream says the route's scope set is not enough; fix the route table",
-            extra={"event": "insufficient_scope", "route": route.label, "needed_scope": label,
-                   "route_scopes": " ".join(route.scopes), "request_id": ex.request_id},
+            extra={
+                "event": "insufficient_scope",
+                "route": route.label,
+                "needed_scope": label,
+                "route_scopes": " ".join(route.scopes),
+                "request_id": ex.request_id,
+            },
         )
 
     # ----------------------------------------------------------- response side
@@ -255,7 +268,8 @@ class Forwarder:
         """Stream the API's answer back byte for byte; reset the client on a broken upstream body."""
         ex.status = ex.upstream_status = upstream.status
         response = web.StreamResponse(
-            status=upstream.status, reason=upstream.reason,
+            status=upstream.status,
+            reason=upstream.reason,
             headers=downstream_response_headers(upstream.headers),
         )
         response.headers["X-Request-Id"] = ex.request_id
@@ -268,11 +282,16 @@ class Forwarder:
             await response.write_eof()
         except ConnectionResetError:  # the client went away (aiohttp's ClientConnectionResetError too)
             ex.error = "client_gone"
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             ex.error = "upstream_broke_mid_body"
-            log.warning("upstream broke mid-response; resetting the client connection",
-                        extra={"event": "upstream_mid_body", "request_id": ex.request_id,
-                               "error": type(exc).__name__})
+            log.warning(
+                "upstream broke mid-response; resetting the client connection",
+                extra={
+                    "event": "upstream_mid_body",
+                    "request_id": ex.request_id,
+                    "error": type(exc).__name__,
+                },
+            )
             _reset(request)
         finally:
             upstream.close() if ex.error else upstream.release()
@@ -292,11 +311,17 @@ class Forwarder:
             access_log.info(
                 "request",
                 extra={
-                    "event": "request", "request_id": ex.request_id, "method": ex.method,
-                    "route": ex.route, "status": ex.status, "upstream_status": ex.upstream_status,
+                    "event": "request",
+                    "request_id": ex.request_id,
+                    "method": ex.method,
+                    "route": ex.route,
+                    "status": ex.status,
+                    "upstream_status": ex.upstream_status,
                     "duration_ms": round((time.perf_counter() - ex.started) * 1000, 2),
-                    "upstream_ms": round(ex.upstream_s * 1000, 2), "retried": ex.retried,
-                    "proxy_error": ex.error, "token_digest": ex.token_digest,
+                    "upstream_ms": round(ex.upstream_s * 1000, 2),
+                    "retried": ex.retried,
+                    "proxy_error": ex.error,
+                    "token_digest": ex.token_digest,
                 },
             )
 
@@ -304,7 +329,8 @@ class Forwarder:
 def error_response(exc: errors.ProxyError, request_id: str | None = None) -> web.Response:
     """The proxy's own JSON error body, marked so apps can tell it from an upstream error."""
     response = web.json_response(
-        {"error": exc.code, "error_description": exc.description}, status=exc.status,
+        {"error": exc.code, "error_description": exc.description},
+        status=exc.status,
         headers={"X-Credicorp-Proxy-Error": exc.code, **exc.headers()},
     )
     if request_id:

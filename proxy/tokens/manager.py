@@ -120,8 +120,10 @@ class TokenManager:
         current = self.memory.peek(key)
         if current is not None and not current.same_as(rejected) and self.usable(current, self._clock()):
             return current
-        log.info("token purged after upstream 401",
-                 extra={"event": "purge", "scopes": key.scope_label, "digest": rejected.digest})
+        log.info(
+            "token purged after upstream 401",
+            extra={"event": "purge", "scopes": key.scope_label, "digest": rejected.digest},
+        )
         token = await self._await_flight(key, rejected)
         if token.same_as(rejected):  # joined a refresh that started before the purge
             token = await self._await_flight(key, rejected)
@@ -210,8 +212,10 @@ class TokenManager:
             token = await self._source.mint(key.scopes, key.audience)
         except TokenError:
             if fallback is not None:
-                log.warning("token endpoint failing; serving the still-valid cached token",
-                            extra={"event": "serve_stale", "scopes": key.scope_label})
+                log.warning(
+                    "token endpoint failing; serving the still-valid cached token",
+                    extra={"event": "serve_stale", "scopes": key.scope_label},
+                )
                 return fallback
             raise
         await self._store_memory(key, token)
