@@ -1,0 +1,33 @@
+"""Shared fixtures. The emulator runs in-process on a real free port: no mocks."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from proxy.emulator.app import EmulatorServer
+
+MakeEmulator = Callable[..., Awaitable[EmulatorServer]]
+
+
+@pytest.fixture
+async def make_emulator() -> AsyncIterator[MakeEmulator]:
+    """Factory: ``await make_emulator(**make_emulator_app kwargs)`` -> started server, stopped at teardown."""
+    servers: list[EmulatorServer] = []
+
+    async def factory(**kwargs: Any) -> EmulatorServer:
+        server = await EmulatorServer(port=0, **kwargs).start()
+        servers.append(server)
+        return server
+
+    yield factory
+    for server in servers:
+        await server.stop()
+
+
+@pytest.fixture
+async def emulator(make_emulator: MakeEmulator) -> EmulatorServer:
+    """A started emulator with the demo client and the documented 10 req/s token rate limit."""
+    return await make_emulator()
