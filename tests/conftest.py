@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import aiohttp
 import pytest
 
 from proxy.emulator.app import EmulatorServer
+from proxy.emulator.testing import EmulatorClient
 
 MakeEmulator = Callable[..., Awaitable[EmulatorServer]]
 
@@ -31,3 +33,10 @@ async def make_emulator() -> AsyncIterator[MakeEmulator]:
 async def emulator(make_emulator: MakeEmulator) -> EmulatorServer:
     """A started emulator with the demo client and the documented 10 req/s token rate limit."""
     return await make_emulator()
+
+
+@pytest.fixture
+async def emu_client(emulator: EmulatorServer) -> AsyncIterator[EmulatorClient]:
+    """An EmulatorClient (own HTTP session) for the ``emulator`` fixture."""
+    async with aiohttp.ClientSession() as session:
+        yield EmulatorClient(session, emulator.url)

@@ -34,7 +34,7 @@ __all__ = ["API_ROUTES", "ApiRoute", "handle_api", "match_route", "statement_byt
 
 #: What a ``{param}`` segment may be: an id, never ``.``/``..``, percent-escapes or empty.
 PARAM_SEGMENT = r"[A-Za-z0-9][A-Za-z0-9_-]*"
-ENTRY_KEY = "credicorp_emulator_log_entry"
+ENTRY_KEY: web.RequestKey[dict[str, Any]] = web.RequestKey("credicorp_emulator_log_entry", dict)
 
 
 @dataclass(frozen=True, slots=True)
