@@ -11,6 +11,8 @@ import pytest
 from proxy.emulator.app import EmulatorServer
 from proxy.emulator.testing import EmulatorClient
 
+pytest_plugins = ("tests.proxy_fixtures",)  # the real proxy, started against the emulator
+
 MakeEmulator = Callable[..., Awaitable[EmulatorServer]]
 
 

@@ -23,6 +23,7 @@ Freshness, judged by the injected clock:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import Callable, Iterable
@@ -239,6 +240,7 @@ class TokenManager:
         for key, used in list(self._last_used.items()):
             if now - used > self._policy.idle_s:
                 del self._last_used[key]
+                self._forget_ttl(key)
                 continue
             token = self.memory.peek(key)
             if token is not None:
@@ -247,6 +249,12 @@ class TokenManager:
                 self._start_flight(key, None).add_done_callback(self._count_refresh)
                 started += 1
         return started
+
+    def _forget_ttl(self, key: CacheKey) -> None:
+        """An idle scope set is no longer kept warm: stop exporting a TTL that would go stale."""
+        if not any(k.scope_label == key.scope_label for k in self._last_used):
+            with contextlib.suppress(KeyError):
+                self._metrics.token_ttl.remove(key.scope_label)
 
     def _count_refresh(self, done: asyncio.Task[Token]) -> None:
         failed = done.cancelled() or done.exception() is not None

@@ -1,0 +1,209 @@
+"""Token life cycle: freshness, single flight, refresh, purge — real source, real emulator, fake clock."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
+
+import aiohttp
+import pytest
+
+from proxy.emulator.app import EmulatorServer
+from proxy.errors import TokenUnavailable
+from proxy.metrics import Metrics
+from proxy.settings import AuthSettings, RefreshSettings
+from proxy.tokens.credentials import CredentialProvider
+from proxy.tokens.manager import TokenManager
+from proxy.tokens.model import Token
+from proxy.tokens.source import TokenSource
+from tests.proxy_fixtures import emulator_stats, set_faults
+
+DECISIONS = ("decisions:read",)
+AUD = "partner/v1"
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+def make_manager(
+    emulator: EmulatorServer, session: aiohttp.ClientSession, clock: FakeClock, **refresh: float
+) -> TokenManager:
+    auth = AuthSettings(
+        issuer=emulator.url, client_id="cc_client_demo", client_secret="demo-secret", verify=False
+    )
+    creds = CredentialProvider(auth.client_id, secret=auth.client_secret)
+    metrics = Metrics()
+    source = TokenSource(auth, creds, session, clock=clock, metrics=metrics)
+    policy = replace(RefreshSettings(jitter_s=0.0), **refresh)
+    return TokenManager(source, creds, refresh=policy, clock=clock, metrics=metrics)
+
+
+def token(issued: float, lifetime: float) -> Token:
+    return Token("x", issued, issued + lifetime, DECISIONS, AUD)
+
+
+@pytest.mark.parametrize(
+    ("lifetime", "due_after"),
+    [(3600, 3240), (300, 240), (60, 30)],  # at_fraction; min_margin_s; never before half the lifetime
+)
+async def test_refresh_point_follows_fraction_margin_and_floor(
+    emulator: EmulatorServer, session: aiohttp.ClientSession, lifetime: float, due_after: float
+) -> None:
+    manager = make_manager(emulator, session, FakeClock())
+    assert manager.refresh_at(token(1000.0, lifetime)) == pytest.approx(1000.0 + due_after)
+
+
+async def test_fresh_token_is_reused_without_minting(
+    emulator: EmulatorServer, session: aiohttp.ClientSession
+) -> None:
+    clock = FakeClock()
+    manager = make_manager(emulator, session, clock)
+    first = await manager.get(DECISIONS, AUD)
+    clock.now += 3000
+    assert (await manager.get(DECISIONS, AUD)).same_as(first)
+    assert (await emulator_stats(session, emulator))["tokens_issued"] == 1
+
+
+async def test_stale_token_is_served_while_a_refresh_runs_behind_it(
+    emulator: EmulatorServer, session: aiohttp.ClientSession
+) -> None:
+    clock = FakeClock()
+    manager = make_manager(emulator, session, clock)
+    first = await manager.get(DECISIONS, AUD)
+    clock.now += 3300  # past 90 % of 3600 s
+    assert (await manager.get(DECISIONS, AUD)).same_as(first)  # no waiting on the endpoint
+    for _ in range(100):
+        if manager.memory.peek(manager.key_for(DECISIONS, AUD)) is not first:
+            break
+        await asyncio.sleep(0.02)
+    assert not (await manager.get(DECISIONS, AUD)).same_as(first)
+    assert (await emulator_stats(session, emulator))["tokens_issued"] == 2
+
+
+async def test_expired_token_is_never_returned(
+    emulator: EmulatorServer, session: aiohttp.ClientSession
+) -> None:
+    clock = FakeClock()
+    manager = make_manager(emulator, session, clock)
+    first = await manager.get(DECISIONS, AUD)
+    clock.now = first.expires_at - 1  # inside the send margin
+    assert not (await manager.get(DECISIONS, AUD)).same_as(first)
+
+
+async def test_expired_token_is_not_served_even_when_the_endpoint_is_down(
+    emulator: EmulatorServer, session: aiohttp.ClientSession
+) -> None:
+    clock = FakeClock()
+    manager = make_manager(emulator, session, clock)
+    first = await manager.get(DECISIONS, AUD)
+    await set_faults(session, emulator, token_status=503, token_count=50)
+    clock.now = first.expires_at + 1
+    with pytest.raises(TokenUnavailable):
+        await manager.get(DECISIONS, AUD)
+
+
+async def test_stale_token_survives_a_failed_refresh(
+    emulator: EmulatorServer, session: aiohttp.ClientSession
+) -> None:
+    clock = FakeClock()
+    manager = make_manager(emulator, session, clock)
+    first = await manager.get(DECISIONS, AUD)
+    await set_faults(session, emulator, token_status=503, token_count=50)
+    clock.now += 3300
+    assert await manager.refresh_due() == 1
+    await asyncio.sleep(0.2)
+    assert (await manager.get(DECISIONS, AUD)).same_as(first)
+
+
+async def test_refresher_renews_used_scope_sets_and_forgets_idle_ones(
+    emulator: EmulatorServer, session: aiohttp.ClientSession
+) -> None:
+    clock = FakeClock()
+    manager = make_manager(emulator, session, clock, idle_s=600)
+    await manager.get(DECISIONS, AUD)
+    clock.now += 3300  # stale, and used 3300 s ago: idle
+    assert await manager.refresh_due() == 0
+    await manager.get(DECISIONS, AUD)  # used again (starts its own refresh)
+    await asyncio.sleep(0.2)
+    assert (await emulator_stats(session, emulator))["tokens_issued"] == 2
+
+
+async def test_concurrent_cold_gets_share_one_mint(
+    emulator: EmulatorServer, session: aiohttp.ClientSession
+) -> None:
+    manager = make_manager(emulator, session, FakeClock())
+    tokens = await asyncio.gather(*(manager.get(DECISIONS, AUD) for _ in range(100)))
+    assert all(t.same_as(tokens[0]) for t in tokens)
+    assert (await emulator_stats(session, emulator))["tokens_issued"] == 1
+
+
+async def test_replace_purges_only_the_rejected_token_and_mints_once(
+    emulator: EmulatorServer, session: aiohttp.ClientSession
+) -> None:
+    manager = make_manager(emulator, session, FakeClock())
+    rejected = await manager.get(DECISIONS, AUD)
+    key = manager.key_for(DECISIONS, AUD)
+    replacements = await asyncio.gather(*(manager.replace(key, rejected) for _ in range(20)))
+    assert all(t.same_as(replacements[0]) and not t.same_as(rejected) for t in replacements)
+    # A late 401 for the old token must not purge the new one.
+    assert (await manager.replace(key, rejected)).same_as(replacements[0])
+    assert (await emulator_stats(session, emulator))["tokens_issued"] == 2
+
+
+async def test_a_cancelled_waiter_does_not_cancel_the_mint_for_others(
+    emulator: EmulatorServer, session: aiohttp.ClientSession
+) -> None:
+    manager = make_manager(emulator, session, FakeClock())
+    await set_faults(session, emulator, token_latency_ms=300)
+    impatient = asyncio.create_task(manager.get(DECISIONS, AUD))
+    patient = asyncio.create_task(manager.get(DECISIONS, AUD))
+    await asyncio.sleep(0.05)
+    impatient.cancel()
+    assert (await patient).value
+    assert (await emulator_stats(session, emulator))["tokens_issued"] == 1
+
+
+async def test_rotated_credentials_use_a_new_cache_key(
+    emulator: EmulatorServer,
+    session: aiohttp.ClientSession,
+    tmp_path,  # type: ignore[no-untyped-def]
+) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("demo-secret\n")
+    async with session.post(
+        emulator.url + "/_emulator/clients/cc_client_demo/secrets", json={"secret": "second-secret"}
+    ) as resp:
+        assert resp.status == 201
+    auth = AuthSettings(
+        issuer=emulator.url, client_id="cc_client_demo", client_secret_file=str(secret), verify=False
+    )
+    creds = CredentialProvider(auth.client_id, secret_file=str(secret))
+    clock = FakeClock()
+    metrics = Metrics()
+    manager = TokenManager(
+        TokenSource(auth, creds, session, clock=clock, metrics=metrics),
+        creds,
+        refresh=RefreshSettings(),
+        clock=clock,
+        metrics=metrics,
+    )
+    old_key = manager.key_for(DECISIONS, AUD)
+    await manager.get(DECISIONS, AUD)
+    secret.write_text("second-secret\n")
+    assert creds.reload()
+    assert manager.key_for(DECISIONS, AUD) != old_key
+    await manager.get(DECISIONS, AUD)
+    assert (await emulator_stats(session, emulator))["tokens_issued"] == 2
