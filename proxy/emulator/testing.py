@@ -12,6 +12,7 @@ from typing import Any
 from urllib.parse import quote_plus
 
 import aiohttp
+from multidict import CIMultiDict
 
 DEMO_ID = "cc_client_demo"
 DEMO_SECRET = "demo-secret"  # noqa: S105 - the documented, public demo credential
@@ -64,9 +65,9 @@ class EmulatorClient:
         self, method: str, path: str, token: str | None = None, **kwargs: Any
     ) -> tuple[int, dict[str, str], Any]:
         """Call partner/v1 (``path`` starts with ``/partner/v1``); (status, headers, JSON or bytes)."""
-        headers = dict(kwargs.pop("headers", {}))
+        headers = CIMultiDict(kwargs.pop("headers", {}))  # keeps repeated headers
         if token is not None:
-            headers["Authorization"] = f"Bearer {token}"
+            headers.add("Authorization", f"Bearer {token}")
         async with self.session.request(method, self.url + path, headers=headers, **kwargs) as resp:
             raw = await resp.read()
             body: Any = await resp.json() if resp.content_type == "application/json" and raw else raw
