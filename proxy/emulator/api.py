@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from multidict import CIMultiDict
 
 from proxy.emulator import res_apply as ap
 from proxy.emulator import res_money as mo
@@ -155,12 +156,9 @@ async def _injected_fault(
         return None
     state.counters.faults_injected += 1
     if faults.api_body is not None:
-        return web.Response(
-            status=status,
-            text=faults.api_body,
-            headers=faults.api_headers,
-            content_type=None if "Content-Type" in faults.api_headers else "application/json",
-        )
+        headers = CIMultiDict({"Content-Type": "application/json"})
+        headers.update(faults.api_headers)  # sent exactly as configured
+        return web.Response(status=status, body=faults.api_body.encode(), headers=headers)
     error = (
         invalid_token("injected fault")
         if status == 401

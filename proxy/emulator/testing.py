@@ -8,6 +8,7 @@ emulator started with ``credicorp-proxy emulator`` in another process.
 from __future__ import annotations
 
 import base64
+import json
 from typing import Any
 from urllib.parse import quote_plus
 
@@ -22,6 +23,14 @@ def basic_header(client_id: str, secret: str) -> str:
     """``Authorization`` value for client_secret_basic: both parts form-encoded first (RFC 6749 2.3.1)."""
     raw = f"{quote_plus(client_id)}:{quote_plus(secret)}".encode()
     return "Basic " + base64.b64encode(raw).decode("ascii")
+
+
+def _json_or(raw: str | bytes) -> Any:
+    """The parsed JSON document, or ``raw`` unchanged when it is not JSON (a malformed-body fault)."""
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
 
 
 class EmulatorClient:
@@ -51,9 +60,7 @@ class EmulatorClient:
         if audience is not None:
             form["audience"] = audience
         async with self.session.post(f"{self.url}/oauth/token", data=form, headers=headers) as resp:
-            text = await resp.text()
-            body: Any = await resp.json() if resp.content_type == "application/json" and text else text
-            return resp.status, dict(resp.headers), body
+            return resp.status, dict(resp.headers), _json_or(await resp.text())
 
     async def mint(self, scope: str | None = None, **kwargs: Any) -> str:
         """An access token, or AssertionError with the endpoint's answer."""
@@ -70,12 +77,12 @@ class EmulatorClient:
             headers.add("Authorization", f"Bearer {token}")
         async with self.session.request(method, self.url + path, headers=headers, **kwargs) as resp:
             raw = await resp.read()
-            body: Any = await resp.json() if resp.content_type == "application/json" and raw else raw
+            body = _json_or(raw) if resp.content_type == "application/json" else raw
             return resp.status, dict(resp.headers), body
 
-    async def control(self, method: str, path: str, json: Any = None) -> tuple[int, Any]:
+    async def control(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         """Call ``/_emulator{path}``; (status, JSON body or None)."""
-        async with self.session.request(method, f"{self.url}/_emulator{path}", json=json) as resp:
+        async with self.session.request(method, f"{self.url}/_emulator{path}", json=body) as resp:
             body = await resp.json() if resp.content_type == "application/json" else None
             return resp.status, body
 
