@@ -132,7 +132,7 @@ def match_route(method: str, raw_path: str) -> tuple[ApiRoute | None, dict[str, 
     return route, m.groupdict(), allowed
 
 
-def record_status(request: web.BaseRequest, response: web.StreamResponse) -> None:
+def record_status(request: web.Request, response: web.StreamResponse) -> None:
     """``on_response_prepare`` hook: the log gets the status before any byte is sent."""
     entry = request.get(ENTRY_KEY)
     if entry is not None and "dropped" not in entry:

@@ -13,6 +13,7 @@ from types import TracebackType
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from proxy.emulator import authserver
 from proxy.emulator.api import handle_api, record_status
@@ -24,7 +25,7 @@ _NOT_API = ("/.well-known/", "/oauth/", PREFIX + "/")
 
 
 @web.middleware
-async def _api_by_raw_target(request: web.Request, handler: Any) -> web.StreamResponse:
+async def _api_by_raw_target(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Send everything outside the auth server and control surface to the API dispatcher."""
     path = request.raw_path.partition("?")[0]
     if path.startswith(_NOT_API) or path == PREFIX:

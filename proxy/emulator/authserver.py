@@ -7,9 +7,10 @@ optional (``partner/v1``); errors ``invalid_request`` (400),
 ``unsupported_grant_type`` (400), ``invalid_client`` (401, with a Basic
 challenge when Basic was used), ``invalid_scope`` (400, unknown or not
 granted), ``temporarily_unavailable`` (503). An audience the client is not
-provisioned for is ``invalid_request``. Every client may make
-``rate_limit`` token requests per sliding second; more get 429 ``slow_down``
-with ``Retry-After``. The OIDC sign-in flow is not emulated:
+provisioned for is ``invalid_request``. Every provisioned client may make
+``rate_limit`` token requests per sliding second (counted by the client id
+the request claims, before authentication; refused requests do not count);
+more get 429 ``slow_down`` with ``Retry-After``. The OIDC sign-in flow is not emulated:
 ``/oauth/authorize`` only answers ``unsupported_response_type``.
 """
 
@@ -144,7 +145,8 @@ async def _token_flow(
     raw = await read_body(request)
     claimed = claimed_client_id(request, raw)
     entry["client_id"] = claimed
-    if claimed is not None and (wait := state.limiter.admit(claimed, time.monotonic())) is not None:
+    # only provisioned clients have a bucket, so made-up ids cannot grow the limiter's memory
+    if claimed in state.clients and (wait := state.limiter.admit(claimed, time.monotonic())) is not None:
         state.counters.rate_limited += 1
         retry = str(max(1, math.ceil(wait)))
         raise OAuthError(429, "slow_down", "token endpoint rate limit exceeded", {"Retry-After": retry})

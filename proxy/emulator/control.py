@@ -32,6 +32,7 @@ import time
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from proxy.emulator.authserver import STATE_KEY
 from proxy.emulator.faults import KNOWN_KNOBS, FaultSpecError, parse_faults
@@ -175,7 +176,7 @@ async def reset(request: web.Request) -> web.Response:
 
 
 @web.middleware
-async def _bad_request_as_json(request: web.Request, handler: Any) -> web.StreamResponse:
+async def _bad_request_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except BadControlRequest as err:

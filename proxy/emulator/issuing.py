@@ -12,6 +12,7 @@ import secrets
 import time
 
 import jwt
+from jwt.types import Options
 
 from proxy.emulator.keys import ALGORITHM
 from proxy.emulator.state import Client, EmulatorState, IssuedToken, SecretRecord, secret_id, token_digest
@@ -79,7 +80,10 @@ def verify(state: EmulatorState, token: str, issuer: str, audience: str | None) 
     key = state.keys.find(str(header.get("kid", "")))
     if header.get("alg") != ALGORITHM or key is None:
         raise TokenRejected("The access token is not signed by a published key")
-    options = {"require": ["exp", "iat", "iss", "aud", "jti", "scope"], "verify_aud": audience is not None}
+    options: Options = {
+        "require": ["exp", "iat", "iss", "aud", "jti", "scope"],
+        "verify_aud": audience is not None,
+    }
     try:
         claims = jwt.decode(
             token, key.public_key, algorithms=[ALGORITHM], audience=audience, issuer=issuer, options=options

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from typing import Any
 
 from aiohttp import web
 
@@ -61,7 +62,7 @@ async def create_application(ctx: ApiContext) -> web.Response:
     return ok(ctx.store.put("applications", app), status=201)
 
 
-def _draft(ctx: ApiContext) -> dict:
+def _draft(ctx: ApiContext) -> dict[str, Any]:
     app = ctx.store.get("applications", ctx.params["id"], "application")
     if app["status"] != "draft":
         raise ApiError(409, "conflict", f"application {app['id']} is {app['status']}, not draft")
@@ -75,7 +76,7 @@ async def patch_application(ctx: ApiContext) -> web.Response:
     return ok(app)
 
 
-def decide(amount: float, term_months: int) -> tuple[str, dict | None, list[str]]:
+def decide(amount: float, term_months: int) -> tuple[str, dict[str, Any] | None, list[str]]:
     """(outcome, offered terms, reason codes) for an application: the emulator's credit model."""
     if amount <= 100_000:
         apr = round(9.9 + amount / 50_000, 1)

@@ -7,6 +7,7 @@ platform does; reads never include them.
 from __future__ import annotations
 
 import secrets
+from typing import Any
 
 from aiohttp import web
 
@@ -46,7 +47,7 @@ async def list_directors(ctx: ApiContext) -> web.Response:
     )
 
 
-def _public_webhook(hook: dict) -> dict:
+def _public_webhook(hook: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in hook.items() if k != "secret"}
 
 

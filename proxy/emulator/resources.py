@@ -130,7 +130,7 @@ def _field_problem(value: Any, spec: Field) -> str | None:
         return f"must be of type {'/'.join(k.__name__ for k in kinds)}"
     if spec.choices is not None and value not in spec.choices:
         return f"must be one of {', '.join(map(str, spec.choices))}"
-    if spec.positive and value <= 0:
+    if spec.positive and isinstance(value, int | float) and value <= 0:
         return "must be positive"
     return None
 

@@ -87,11 +87,13 @@ class EmulatorClient:
             return resp.status, body
 
     async def stats(self) -> dict[str, Any]:
-        return (await self.control("GET", "/stats"))[1]
+        stats: dict[str, Any] = (await self.control("GET", "/stats"))[1]
+        return stats
 
     async def set_faults(self, **knobs: Any) -> None:
         status, body = await self.control("POST", "/faults", knobs)
         assert status == 200, body
 
     async def requests(self) -> list[dict[str, Any]]:
-        return (await self.control("GET", "/requests"))[1]["requests"]
+        log: list[dict[str, Any]] = (await self.control("GET", "/requests"))[1]["requests"]
+        return log
