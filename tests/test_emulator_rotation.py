@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import aiohttp
 import jwt
@@ -134,14 +135,15 @@ async def test_expire_all_treats_issued_tokens_as_expired(emu_client: EmulatorCl
 
 
 async def test_tokens_expire_after_their_ttl(make_emulator):
-    emu = await make_emulator(token_ttl=1)
+    emu = await make_emulator(token_ttl=2)  # iat is whole seconds, so a 2 s token lives at least 1 s
     async with aiohttp.ClientSession() as session:
         client = EmulatorClient(session, emu.url)
         status, _, body = await client.token_request("decisions:read")
-        assert status == 200 and body["expires_in"] == 1
+        assert status == 200 and body["expires_in"] == 2
         token = body["access_token"]
         assert (await client.api("GET", DECISION, token))[0] == 200
-        await asyncio.sleep(1.1)
+        exp = jwt.decode(token, options={"verify_signature": False})["exp"]
+        await asyncio.sleep(max(0.0, exp - time.time()) + 0.05)
         status, headers, _ = await client.api("GET", DECISION, token)
         assert status == 401 and 'error_description="The access token expired"' in headers["WWW-Authenticate"]
 
