@@ -115,7 +115,7 @@ Try it (no credentials needed: the proxy adds a least-privilege token):
   curl -s {{proxy}}/partner/v1/decisions/dec_demo_001
   # create an application (token scoped to applications:write only)
   curl -s -X POST {{proxy}}/partner/v1/applications -H 'Content-Type: application/json' \\
-       -d '{{{{"company_number": "09876543", "amount": 25000, "purpose": "working capital"}}}}'
+       -d '{{{{"company_number": "09876543", "amount": 25000, "term_months": 12, "purpose": "working_capital"}}}}'
   # a route the table does not allow is refused by the proxy itself (403 route_not_allowed)
   curl -si -X DELETE {{proxy}}/partner/v1/applications/app_demo_001
   # see the tokens the emulator minted, one per scope set
