@@ -1,0 +1,476 @@
+"""Minting tokens: discovery, the client-credentials request and the error policy.
+
+``TokenSource.mint`` is one logical mint. It owns every rule that protects the
+token endpoint (and Credicorp's 10 req/s limit) from this replica: an
+``invalid_client`` latch until the secret changes, an ``invalid_scope`` memo per
+scope set, capped exponential backoff with jitter, and a rate ceiling on calls.
+Single flight per cache key belongs to the manager above it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote_plus, urlencode, urlsplit
+
+import aiohttp
+
+from proxy.errors import ProxyError, TokenUnavailable
+from proxy.metrics import Metrics
+from proxy.settings import AuthSettings
+from proxy.tokens import backoff as policy
+from proxy.tokens.backoff import EndpointFailure, ErrorClass
+from proxy.tokens.credentials import CredentialProvider
+from proxy.tokens.model import CacheKey, Credentials, Token
+from proxy.tokens.verify import JwtVerifier, TokenVerificationError, read_bounded
+
+log = logging.getLogger("proxy.tokens")
+
+DISCOVERY_PATH = "/.well-known/openid-configuration"
+DISCOVERY_TTL_S = 3600.0
+_MAX_BODY = 64 * 1024
+_ACCEPT = {"Accept": "application/json"}
+
+
+@dataclass(frozen=True, slots=True)
+class Discovery:
+    """The parts of the issuer's discovery document the proxy uses."""
+
+    issuer: str
+    token_endpoint: str
+    jwks_uri: str | None
+    fetched_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class SourceHealth:
+    """A snapshot for /readyz; ``last_error`` is an error code, never a message from the wire."""
+
+    credentials_rejected: bool
+    backing_off_until: float | None
+    last_error: str | None
+    last_success_at: float | None
+
+
+class TokenSource:
+    """Mints tokens from Credicorp's token endpoint, within the error policy of SPEC §5."""
+
+    def __init__(
+        self,
+        auth: AuthSettings,
+        credentials: CredentialProvider,
+        session: aiohttp.ClientSession,
+        *,
+        clock: Callable[[], float] = time.time,
+        metrics: Metrics | None = None,
+        verifier: JwtVerifier | None = None,
+        sleep: policy.Sleep = asyncio.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._auth, self._credentials, self._session = auth, credentials, session
+        self._clock, self._metrics, self._verifier = clock, metrics, verifier
+        self._gate = policy.MintGate(clock, rng or random.Random())
+        self._limiter = policy.MintRateLimiter(auth.max_mint_rate, clock, sleep)
+        self._discovery: Discovery | None = None
+        self._discovery_stale = False
+        self._discovery_lock = asyncio.Lock()
+        self._last_error: str | None = None
+        self._last_success_at: float | None = None
+        self._timeout = aiohttp.ClientTimeout(total=auth.timeout_s)
+        credentials.on_change(self._on_credentials_change)
+        if verifier is not None and verifier.needs_jwks_uri:
+            verifier.set_jwks_uri_provider(self.jwks_uri)
+
+    async def mint(self, scopes: tuple[str, ...], audience: str) -> Token:
+        """One token for ``scopes``/``audience``, or a ProxyError saying why not (and for how long)."""
+        creds = self._credentials.current()
+        key = CacheKey.create(creds, scopes, audience)
+        self._refuse_early(creds, key)
+        try:
+            endpoint = await self._token_endpoint()
+        except EndpointFailure as failure:
+            raise self._failed(creds, key, failure, called=False) from None
+        await self._acquire_slot(key)
+        self._refuse_early(creds, key)  # another mint may have failed while we queued
+        try:
+            return await self._request(endpoint, creds, key)
+        except EndpointFailure as failure:
+            raise self._failed(creds, key, failure, called=True) from None
+
+    async def discover(self) -> Discovery:
+        """The discovery document: cached, re-read after a token-endpoint failure."""
+        try:
+            return await self._discover()
+        except EndpointFailure as failure:
+            self._count_error(failure.label)
+            self._last_error = failure.label
+            state = self._gate.backoff
+            state.failure(self._clock())
+            raise TokenUnavailable(failure.description, state.remaining(self._clock())) from None
+
+    async def jwks_uri(self) -> str:
+        """``jwks_uri`` from discovery (the verifier's key source)."""
+        uri = (await self.discover()).jwks_uri
+        if uri is None:
+            raise TokenUnavailable("the discovery document names no jwks_uri; cannot verify tokens")
+        return uri
+
+    def health(self) -> SourceHealth:
+        """What /readyz needs, without I/O."""
+        backoff = self._gate.backoff
+        return SourceHealth(
+            credentials_rejected=self._gate.is_rejected(self._credentials.current().generation),
+            backing_off_until=backoff.until if backoff.remaining(self._clock()) > 0 else None,
+            last_error=self._last_error,
+            last_success_at=self._last_success_at,
+        )
+
+    # -- before the call --------------------------------------------------------
+
+    def _refuse_early(self, creds: Credentials, key: CacheKey) -> None:
+        refusal = self._gate.refusal(creds.generation, key)
+        if refusal is not None:
+            result, error = refusal
+            self._count(key, result)
+            raise error
+
+    async def _acquire_slot(self, key: CacheKey) -> None:
+        try:
+            await self._limiter.acquire()
+        except TokenUnavailable:
+            self._count(key, "local_throttled")
+            raise
+
+    async def _token_endpoint(self) -> str:
+        if self._auth.token_endpoint:
+            return self._auth.token_endpoint
+        return (await self._discover()).token_endpoint
+
+    async def _discover(self) -> Discovery:
+        async with self._discovery_lock:
+            now, cached = self._clock(), self._discovery
+            if cached and not self._discovery_stale and now - cached.fetched_at < DISCOVERY_TTL_S:
+                return cached
+            self._discovery = await self._fetch_discovery(now)
+            self._discovery_stale = False
+            return self._discovery
+
+    async def _fetch_discovery(self, now: float) -> Discovery:
+        issuer = self._auth.issuer
+        try:
+            status, _, body = await self._send("GET", issuer.rstrip("/") + DISCOVERY_PATH, headers=_ACCEPT)
+            token_endpoint, jwks_uri = parse_discovery(status, body, issuer)
+        except EndpointFailure as failure:
+            failure.label = (
+                failure.label if failure.label.startswith("discovery_") else f"discovery_{failure.label}"
+            )
+            _event(
+                logging.ERROR,
+                "discovery failed",
+                "discovery_failed",
+                error=failure.label,
+                issuer=issuer,
+                reason=failure.description,
+            )
+            raise
+        _event(logging.INFO, "discovery document read", "discovery_ok", issuer=issuer)
+        return Discovery(issuer, token_endpoint, jwks_uri, now)
+
+    # -- the call ---------------------------------------------------------------
+
+    async def _request(self, endpoint: str, creds: Credentials, key: CacheKey) -> Token:
+        issued_at, started = self._clock(), time.monotonic()
+        try:
+            status, headers, body = await self._send(
+                "POST", endpoint, data=self._form(creds, key), headers=self._headers(creds)
+            )
+        finally:
+            if self._metrics is not None:
+                self._metrics.token_mint_duration.observe(time.monotonic() - started)
+        if status != 200:
+            raise self._error_failure(status, headers, body)
+        token = parse_token_response(body, key, issued_at, self._auth.default_expires_in)
+        _log_scope_difference(key, token.scopes)
+        await self._verify(token)
+        self._succeeded(key, token, time.monotonic() - started)
+        return token
+
+    def _form(self, creds: Credentials, key: CacheKey) -> str:
+        form = {"grant_type": "client_credentials", "audience": key.audience}
+        if key.scopes:
+            form["scope"] = key.scope_label
+        if self._auth.method == "client_secret_post":
+            form |= {"client_id": creds.client_id, "client_secret": creds.secret}
+        return urlencode(form)
+
+    def _headers(self, creds: Credentials) -> dict[str, str]:
+        headers = {**_ACCEPT, "Content-Type": "application/x-www-form-urlencoded"}
+        if self._auth.method == "client_secret_basic":
+            headers["Authorization"] = basic_authorization(creds)
+        return headers
+
+    async def _send(self, method: str, url: str, **kwargs: Any) -> tuple[int, Mapping[str, str], bytes]:
+        """One exchange: no redirects followed, body bounded, network errors become failures."""
+        try:
+            async with self._session.request(
+                method, url, timeout=self._timeout, allow_redirects=False, **kwargs
+            ) as resp:
+                return resp.status, resp.headers.copy(), await read_bounded(resp, _MAX_BODY)
+        except TimeoutError:
+            raise _transient("timeout", f"{method} to the authorization server timed out") from None
+        except aiohttp.ClientError as exc:
+            reason = f"{method} to the authorization server failed ({type(exc).__name__})"
+            raise _transient("connect", reason) from None
+
+    def _error_failure(self, status: int, headers: Mapping[str, str], body: bytes) -> EndpointFailure:
+        kind, label = policy.classify(status, parse_error_code(body))
+        retry_after = policy.parse_retry_after(headers.get("Retry-After"), self._clock())
+        description = f"token endpoint answered HTTP {status} ({label})"
+        return EndpointFailure(label, kind, description, retry_after=retry_after, status=status)
+
+    async def _verify(self, token: Token) -> None:
+        if self._verifier is None:
+            return
+        try:
+            await self._verifier.verify(token.value, audience=token.audience, scopes=token.scopes)
+        except TokenVerificationError as exc:
+            raise _transient("unverified", f"minted token failed verification: {exc}") from None
+
+    # -- after the call ---------------------------------------------------------
+
+    def _succeeded(self, key: CacheKey, token: Token, duration: float) -> None:
+        if failures := self._gate.record_success(key):
+            _event(logging.INFO, "token endpoint recovered", "backoff_ended", failures=failures)
+        self._last_success_at, self._last_error = self._clock(), None
+        self._count(key, "ok")
+        _event(
+            logging.INFO,
+            "token minted",
+            "mint_ok",
+            scopes=scope_text(token.scopes),
+            audience=key.audience,
+            expires_in=round(token.lifetime),
+            duration_ms=round(duration * 1000, 1),
+            token_digest=token.digest,
+        )
+
+    def _failed(
+        self, creds: Credentials, key: CacheKey, failure: EndpointFailure, *, called: bool
+    ) -> ProxyError:
+        """Count, log and apply a failure; returns the error the caller sees."""
+        self._last_error = failure.label
+        self._count_error(failure.label)
+        self._count(key, failure.result if called else "error")
+        state = self._gate.record_failure(creds.generation, key, failure)
+        if failure.kind is ErrorClass.REJECTED:
+            return self._latched(creds)
+        if state is None:  # invalid_scope: a route-table problem, remembered for a while
+            _event(
+                logging.ERROR,
+                "scope set not granted",
+                "mint_failed",
+                error=failure.label,
+                scopes=key.scope_label,
+                audience=key.audience,
+            )
+            return policy.scope_not_granted_error(key)
+        if state is self._gate.backoff:
+            self._discovery_stale = True  # the endpoint may have moved
+        delay = state.remaining(self._clock())
+        _event(
+            logging.ERROR if failure.kind is ErrorClass.CONFIG else logging.WARNING,
+            "token mint failed; backing off",
+            "mint_failed",
+            error=failure.label,
+            status=failure.status,
+            scopes=key.scope_label,
+            audience=key.audience,
+            retry_after=round(delay, 3),
+            failures=state.failures,
+            backoff_applies_to="all" if state is self._gate.backoff else "scope_set",
+        )
+        if state.failures == 1:
+            _event(
+                logging.INFO,
+                "backing off the token endpoint",
+                "backoff",
+                error=failure.label,
+                applies_to="all" if state is self._gate.backoff else key.scope_label,
+            )
+        return TokenUnavailable(f"{failure.description}; retrying in {delay:.1f}s", delay)
+
+    def _latched(self, creds: Credentials) -> ProxyError:
+        if self._metrics is not None:
+            self._metrics.credentials_rejected.set(1)
+        _event(
+            logging.ERROR,
+            "client credentials rejected; no mints until the secret changes",
+            "credentials_rejected",
+            client_id=creds.client_id,
+            fingerprint=creds.fingerprint,
+            generation=creds.generation,
+        )
+        return policy.credentials_rejected_error()
+
+    def _on_credentials_change(self, creds: Credentials) -> None:
+        """A new secret lifts the invalid_client latch: it is the only thing that could fix it."""
+        if self._gate.clear_rejection():
+            _event(
+                logging.INFO,
+                "new client secret; minting resumes",
+                "credentials_unlatched",
+                generation=creds.generation,
+            )
+        if self._metrics is not None:
+            self._metrics.credentials_rejected.set(0)
+
+    def _count(self, key: CacheKey, result: str) -> None:
+        if self._metrics is not None:
+            self._metrics.token_mints.labels(scopes=key.scope_label, result=result).inc()
+
+    def _count_error(self, label: str) -> None:
+        if self._metrics is not None:
+            self._metrics.token_endpoint_errors.labels(error=label).inc()
+
+
+def _event(level: int, message: str, event: str, **fields: object) -> None:
+    """A structured token event; the JSON formatter renders ``extra`` as fields."""
+    log.log(level, message, extra={"event": event, **fields})
+
+
+def _log_scope_difference(key: CacheKey, granted: tuple[str, ...]) -> None:
+    requested, got = set(key.scopes), set(granted)
+    if not key.scopes or requested == got:
+        return
+    fields = {"requested": key.scope_label, "granted": scope_text(got), "audience": key.audience}
+    if requested - got:
+        _event(
+            logging.WARNING,
+            "token endpoint granted fewer scopes than asked",
+            "scope_narrowed",
+            missing=scope_text(requested - got),
+            **fields,
+        )
+    if got - requested:
+        _event(
+            logging.WARNING,
+            "token endpoint granted scopes not asked for",
+            "scope_unexpected",
+            unexpected=scope_text(got - requested),
+            **fields,
+        )
+
+
+def basic_authorization(creds: Credentials) -> str:
+    """HTTP Basic for the token endpoint: id and secret form-urlencoded first (RFC 6749 §2.3.1)."""
+    pair = f"{quote_plus(creds.client_id)}:{quote_plus(creds.secret)}"
+    return "Basic " + base64.b64encode(pair.encode()).decode("ascii")
+
+
+def scope_text(scopes: tuple[str, ...] | set[str]) -> str:
+    return " ".join(sorted(scopes))
+
+
+# -- wire formats ---------------------------------------------------------------
+
+
+def _json_object(body: bytes) -> dict[str, Any] | None:
+    if len(body) > _MAX_BODY:
+        return None
+    try:
+        doc = json.loads(body)
+    except ValueError:  # includes bad UTF-8
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _transient(label: str, description: str) -> EndpointFailure:
+    return EndpointFailure(label, ErrorClass.TRANSIENT, description)
+
+
+def _malformed(why: str) -> EndpointFailure:
+    return _transient("malformed", f"token endpoint sent a malformed response ({why})")
+
+
+def parse_error_code(body: bytes) -> str | None:
+    """The OAuth ``error`` code of an error response, if it has one."""
+    doc = _json_object(body)
+    code = doc.get("error") if doc is not None else None
+    return code if isinstance(code, str) and 0 < len(code) <= 64 else None
+
+
+def parse_token_response(body: bytes, key: CacheKey, issued_at: float, default_expires_in: float) -> Token:
+    """A Token from a 200 response, or a ``malformed`` failure; times come from our clock."""
+    doc = _json_object(body)
+    if doc is None:
+        raise _malformed("not a JSON object")
+    value = doc.get("access_token")
+    if not isinstance(value, str) or not value or not all(33 <= ord(c) <= 126 for c in value):
+        raise _malformed("no usable access_token")
+    token_type = doc.get("token_type")
+    if token_type is not None and (not isinstance(token_type, str) or token_type.lower() != "bearer"):
+        raise _malformed("token_type is not Bearer")
+    lifetime = _lifetime(doc.get("expires_in"), default_expires_in)
+    scopes = _granted_scopes(doc.get("scope"), key.scopes)
+    return Token(value, issued_at, issued_at + lifetime, scopes, key.audience)
+
+
+def _lifetime(raw: object, default: float) -> float:
+    if raw is None:
+        return float(default)
+    if isinstance(raw, bool) or not isinstance(raw, int | float | str):
+        raise _malformed("expires_in is not a number")
+    try:
+        seconds = float(raw)
+    except ValueError:
+        raise _malformed("expires_in is not a number") from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise _malformed("expires_in is not positive")
+    return seconds
+
+
+def _granted_scopes(raw: object, requested: tuple[str, ...]) -> tuple[str, ...]:
+    """RFC 6749 §5.1: no ``scope`` means exactly what was asked."""
+    if raw is None:
+        return requested
+    if not isinstance(raw, str):
+        raise _malformed("scope is not a string")
+    return tuple(sorted(set(raw.split())))
+
+
+def _absolute_url(value: object) -> str | None:
+    if not isinstance(value, str):
+        return None
+    parts = urlsplit(value)
+    return value if parts.scheme in ("http", "https") and parts.hostname else None
+
+
+def parse_discovery(status: int, body: bytes, issuer: str) -> tuple[str, str | None]:
+    """(token_endpoint, jwks_uri) of a discovery document whose issuer is exactly ours (RFC 8414)."""
+    if status != 200:
+        raise EndpointFailure("discovery_http", ErrorClass.TRANSIENT, f"discovery answered HTTP {status}")
+    doc = _json_object(body)
+    if doc is None:
+        raise EndpointFailure("discovery_malformed", ErrorClass.TRANSIENT, "discovery document is not JSON")
+    if doc.get("issuer") != issuer:
+        shown = doc.get("issuer") if isinstance(doc.get("issuer"), str) else None
+        raise EndpointFailure(
+            "discovery_issuer_mismatch",
+            ErrorClass.TRANSIENT,
+            f"discovery document names issuer {str(shown)[:200]!r}, not the configured {issuer!r}"
+            " (RFC 8414 requires an exact match); check auth.issuer",
+        )
+    token_endpoint = _absolute_url(doc.get("token_endpoint"))
+    if token_endpoint is None:
+        raise EndpointFailure(
+            "discovery_malformed", ErrorClass.TRANSIENT, "discovery document has no valid token_endpoint"
+        )
+    return token_endpoint, _absolute_url(doc.get("jwks_uri"))
