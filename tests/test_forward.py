@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import os
 
 import aiohttp
@@ -158,7 +159,7 @@ async def test_multi_megabyte_upload_is_byte_exact(
     proxy = await start_proxy()
     body = os.urandom(6 * 1024 * 1024 + 7)
     url = proxy.proxy_url + "/partner/v1/applications/app_demo_001/documents"
-    async with http.post(url, data=body, headers={"Content-Type": "application/pdf"}) as resp:
+    async with http.post(url, data=io.BytesIO(body), headers={"Content-Type": "application/pdf"}) as resp:
         assert resp.status == 201, await resp.text()
         answer = await resp.json()
     assert answer["sha256"] == hashlib.sha256(body).hexdigest() and answer["size"] == len(body)
@@ -193,7 +194,7 @@ async def test_multi_megabyte_download_is_byte_exact(
         got = hashlib.sha256()
         async for chunk in resp.content.iter_chunked(1 << 16):
             got.update(chunk)
-    want = hashlib.sha256(b"".join(statement_bytes(size)))
+    want = hashlib.sha256(b"".join(statement_bytes(size, "acc_demo_001")))
     assert got.hexdigest() == want.hexdigest()
 
 
