@@ -119,7 +119,7 @@ async def test_stale_token_survives_a_failed_refresh(
     emulator: EmulatorServer, session: aiohttp.ClientSession
 ) -> None:
     clock = FakeClock()
-    manager = make_manager(emulator, session, clock)
+    manager = make_manager(emulator, session, clock, idle_s=7200)
     first = await manager.get(DECISIONS, AUD)
     await set_faults(session, emulator, token_status=503, token_count=50)
     clock.now += 3300
