@@ -42,3 +42,8 @@ async def emu_client(emulator: EmulatorServer) -> AsyncIterator[EmulatorClient]:
     """An EmulatorClient (own HTTP session) for the ``emulator`` fixture."""
     async with aiohttp.ClientSession() as session:
         yield EmulatorClient(session, emulator.url)
+
+
+# ---- shared Redis tier: real redis-server fixtures (owner: redis cache work; see tests/redis_fixtures.py)
+pytest_plugins = (*pytest_plugins, "tests.redis_fixtures")
+# ---- end shared Redis tier
