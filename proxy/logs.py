@@ -4,35 +4,82 @@ Every record becomes one JSON object; structured fields come from ``extra=``.
 Code never logs a token or secret on purpose (``Token`` and ``Credentials``
 hide them from ``repr``), and as a second line of defence every rendered
 line is scrubbed of bearer values, JWT-shaped strings and secret-named
-fields before it is written.
+fields (at any depth of a structured field) before it is written.
+
+The request id of the request being served travels in a context variable
+(``REQUEST_ID``), so a token event logged inside a mint that a request
+triggered carries that request's id without every layer passing it along.
 """
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import re
 import sys
 import time
-from typing import Any, Final
+from collections.abc import Mapping
+from typing import Any, Final, TextIO
 
 _RESERVED: Final = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 _SECRET_FIELDS: Final = frozenset(
-    {"authorization", "proxy-authorization", "access_token", "client_secret", "secret", "token", "password"}
+    {
+        "authorization",
+        "proxy-authorization",
+        "proxy_authorization",
+        "access_token",
+        "refresh_token",
+        "id_token",
+        "client_secret",
+        "secret",
+        "token",
+        "password",
+        "cookie",
+        "set-cookie",
+    }
 )
 _REDACTED: Final = "[redacted]"
-_SCRUBBERS: Final = (
-    re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]{8,}"),
-    re.compile(r"\beyJ[A-Za-z0-9_-]{6,}\.[A-Za-z0-9_-]{6,}\.[A-Za-z0-9_-]*"),  # JWT
-    re.compile(r"(?i)(client_secret|access_token|password)=([^&\s\"']+)"),
+_MAX_DEPTH: Final = 6
+_BEARER: Final = re.compile(r"(?i)\b(bearer|basic)(\s+|%20|\+)[A-Za-z0-9._~+/=%-]{8,}")
+_JWT: Final = re.compile(r"\beyJ[A-Za-z0-9_-]{6,}\.[A-Za-z0-9_-]{6,}\.[A-Za-z0-9_-]*")
+# name=value (form bodies, query strings) and "name": "value" (dict reprs, JSON, also
+# JSON escaped inside a JSON string: \"name\": \"value\").
+_NAMED_SECRET: Final = re.compile(
+    r"(?i)\b(client_secret|access_token|refresh_token|id_token|password)"
+    r"((?:\\?[\"'])?\s*[:=]\s*(?:\\?[\"'])?)"
+    r"([^&\s\"'\\,}\][]+)"
 )
+
+#: The id of the request being served (set by the forwarding handler), or None.
+REQUEST_ID: Final[contextvars.ContextVar[str | None]] = contextvars.ContextVar("ccp_request_id", default=None)
+
+_LEVEL_ALIASES: Final = {"warn": "WARNING", "fatal": "CRITICAL"}
 
 
 def scrub(text: str) -> str:
     """Remove anything shaped like a credential from ``text``."""
-    text = _SCRUBBERS[0].sub(lambda m: f"{m.group(1)} {_REDACTED}", text)
-    text = _SCRUBBERS[1].sub(_REDACTED, text)
-    return _SCRUBBERS[2].sub(lambda m: f"{m.group(1)}={_REDACTED}", text)
+    text = _BEARER.sub(lambda m: f"{m.group(1)} {_REDACTED}", text)
+    text = _JWT.sub(_REDACTED, text)
+    return _NAMED_SECRET.sub(lambda m: f"{m.group(1)}{m.group(2)}{_REDACTED}", text)
+
+
+def redact(value: Any, depth: int = 0) -> Any:
+    """``value`` with every secret-named mapping key's value replaced, at any nesting depth.
+
+    Why: a structured field such as ``headers`` or ``form`` may hold a secret under
+    a harmless top-level name; the regex scrub is the backstop, this is the rule.
+    """
+    if depth > _MAX_DEPTH:
+        return "[too deep]"
+    if isinstance(value, Mapping):
+        return {
+            str(k): _REDACTED if str(k).lower() in _SECRET_FIELDS else redact(v, depth + 1)
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple | set | frozenset):
+        return [redact(v, depth + 1) for v in value]
+    return value
 
 
 class JsonFormatter(logging.Formatter):
@@ -49,18 +96,41 @@ class JsonFormatter(logging.Formatter):
         for key, value in record.__dict__.items():
             if key in _RESERVED or key.startswith("_"):
                 continue
-            entry[key] = _REDACTED if key.lower() in _SECRET_FIELDS else value
+            entry[key] = _REDACTED if key.lower() in _SECRET_FIELDS else redact(value)
+        if "request_id" not in entry and (request_id := REQUEST_ID.get()) is not None:
+            entry["request_id"] = request_id
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
         return scrub(json.dumps(entry, default=str, separators=(",", ":")))
 
 
-def configure_logging(level: str = "info", stream: Any = None) -> None:
-    """Route every logger of the process to one JSON handler at ``level``."""
+def parse_level(level: str | int) -> int:
+    """A logging level from a config value (``debug``, ``INFO``, ``warn``, 10 ...).
+
+    Raises ValueError naming the accepted values, so a typo in the config is a
+    clear error instead of logging's bare ``Unknown level``.
+    """
+    if isinstance(level, int):
+        return level
+    name = _LEVEL_ALIASES.get(level.strip().lower(), level.strip().upper())
+    value = logging.getLevelNamesMapping().get(name)
+    if value is None or name == "NOTSET":
+        raise ValueError(f"unknown log level {level!r} (use debug, info, warning, error or critical)")
+    return value
+
+
+def configure_logging(level: str | int = "info", stream: TextIO | None = None) -> logging.Handler:
+    """Route every logger of the process to one JSON handler at ``level``; returns the handler.
+
+    aiohttp's own access log is turned off: ours carries the route and request id
+    instead of the raw request line (which could hold a secret in a query string).
+    """
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    # aiohttp's own access log would duplicate ours (and print raw request lines).
+    root.setLevel(parse_level(level))
     logging.getLogger("aiohttp.access").disabled = True
+    return handler

@@ -8,6 +8,9 @@ a raw request path, so cardinality is bounded by the config.
 
 from __future__ import annotations
 
+import platform
+
+import aiohttp
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -122,6 +125,11 @@ class Metrics:
             "Generation of the client secret in use.",
             registry=r,
         )
+        self.credential_reload_errors = Counter(
+            "ccp_credential_reload_errors",
+            "Secret-file re-reads that failed (unreadable or empty file); the previous secret stays.",
+            registry=r,
+        )
         self.credentials_rejected = Gauge(
             "ccp_credentials_rejected",
             "1 while the token endpoint rejects our credentials.",
@@ -129,7 +137,9 @@ class Metrics:
         )
         self.ready = Gauge("ccp_ready", "1 when /readyz answers 200.", registry=r)
         self.build_info = Info("ccp_build", "Build information.", registry=r)
-        self.build_info.info({"version": __version__})
+        self.build_info.info(
+            {"version": __version__, "python": platform.python_version(), "aiohttp": aiohttp.__version__}
+        )
 
     def exposition(self) -> bytes:
         """The registry in Prometheus text format."""

@@ -1,0 +1,209 @@
+"""Graceful shutdown of the real process: ``python -m proxy run -c FILE`` and a signal.
+
+SIGTERM (or SIGINT) must fail readiness at once, stop accepting connections,
+let an in-flight streaming download finish byte for byte within the grace
+period, and exit 0. The emulator runs in the test process; the proxy is a
+child process with its own config file and free ports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import aiohttp
+import pytest
+import yaml
+
+from proxy.emulator.app import EmulatorServer
+from proxy.emulator.streams import statement_bytes
+from tests.proxy_fixtures import base_config, merge, set_faults
+from tests.test_metrics import eventually, get, scrape
+
+REPO = Path(__file__).resolve().parent.parent
+STATEMENT = "/partner/v1/accounts/acc_demo_001/statement"
+DECISION = "/partner/v1/decisions/dec_demo_001"
+START_TIMEOUT_S = 30.0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class ProxyProcess:
+    """A running ``python -m proxy run`` child and where it listens."""
+
+    proc: asyncio.subprocess.Process
+    proxy_url: str
+    admin_url: str
+    port: int
+    log_path: Path
+
+    async def wait(self, within: float = 30.0) -> int:
+        """The exit code, failing the test if the process outlives ``within`` seconds."""
+        try:
+            return await asyncio.wait_for(self.proc.wait(), within)
+        except TimeoutError:
+            pytest.fail(f"the proxy did not exit within {within}s; log:\n{self.log_path.read_text()}")
+
+    def logs(self) -> list[dict[str, Any]]:
+        """The JSON log lines the process wrote (anything else is a test failure)."""
+        lines = [line for line in self.log_path.read_text().splitlines() if line.strip()]
+        return [json.loads(line) for line in lines]
+
+
+def _open_for_writing(path: Path) -> BinaryIO:
+    return path.open("wb")
+
+
+@contextlib.asynccontextmanager
+async def launch_proxy(
+    tmp_path: Path, emulator: EmulatorServer, overrides: dict[str, Any] | None = None
+) -> AsyncIterator[ProxyProcess]:
+    """Write a config with free ports, start the proxy process, wait until /healthz answers."""
+    port, admin_port = free_port(), free_port()
+    raw = merge(base_config(emulator.url), overrides or {})
+    raw |= {"listen": f"127.0.0.1:{port}", "admin_listen": f"127.0.0.1:{admin_port}"}
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    log_path = tmp_path / "proxy.log"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with _open_for_writing(log_path) as log_file:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "proxy", "run", "-c", str(config),
+            stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file, cwd=REPO, env=env,
+        )  # fmt: skip
+    process = ProxyProcess(proc, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}", port, log_path)
+    try:
+        await _wait_alive(process)
+        yield process
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def _wait_alive(process: ProxyProcess) -> None:
+    async with aiohttp.ClientSession() as http:
+
+        async def alive() -> bool:
+            if process.proc.returncode is not None:
+                pytest.fail(
+                    f"the proxy exited with {process.proc.returncode}:\n{process.log_path.read_text()}"
+                )
+            with contextlib.suppress(aiohttp.ClientError):
+                return await get(http, process.admin_url + "/healthz") == 200
+            return False
+
+        await eventually(alive, within=START_TIMEOUT_S)
+
+
+async def readyz(http: aiohttp.ClientSession, admin_url: str) -> tuple[int, dict[str, Any]]:
+    async with http.get(admin_url + "/readyz") as resp:
+        return resp.status, await resp.json()
+
+
+async def refuses_connections(port: int) -> bool:
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except ConnectionRefusedError:
+        return True
+    writer.close()
+    await writer.wait_closed()
+    return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_signal_drains_a_slow_streaming_download_and_exits_0(
+    http: aiohttp.ClientSession, emulator: EmulatorServer, tmp_path: Path, sig: signal.Signals
+) -> None:
+    size, grace = 24 * 1024 * 1024, 20.0
+    async with launch_proxy(tmp_path, emulator, {"shutdown_grace_s": grace}) as process:
+        assert (await readyz(http, process.admin_url))[0] == 200
+        expected = hashlib.sha256()
+        for chunk in statement_bytes(size, "acc_demo_001"):
+            expected.update(chunk)
+        received = hashlib.sha256()
+        async with http.get(f"{process.proxy_url}{STATEMENT}?bytes={size}") as resp:
+            assert resp.status == 200
+            first = await resp.content.readexactly(64 * 1024)
+            received.update(first)
+            got = len(first)
+
+            process.proc.send_signal(sig)  # mid-download: the client is still reading
+
+            async def draining() -> bool:
+                status, body = await readyz(http, process.admin_url)
+                return status == 503 and body == {"ready": False, "reason": "draining"}
+
+            await eventually(draining)
+            await eventually(lambda: refuses_connections(process.port))
+            assert await get(http, process.admin_url + "/healthz") == 200  # alive while draining
+            assert process.proc.returncode is None  # held open by the download
+            while chunk := await resp.content.read(256 * 1024):
+                received.update(chunk)
+                got += len(chunk)
+                await asyncio.sleep(0.01)  # a slow reader
+        assert got == size
+        assert received.hexdigest() == expected.hexdigest()
+        assert await process.wait(within=grace) == 0
+    logs = process.logs()
+    [drain] = [line for line in logs if line.get("event") == "draining"]
+    assert drain["signal"] == sig.name and drain["grace_s"] == grace
+    [download] = [line for line in logs if line.get("event") == "request"]
+    assert download["status"] == 200 and download["proxy_error"] is None
+    assert download["route"] == "accounts.read"
+    assert logs[-1]["event"] == "stopped"
+
+
+async def test_a_request_longer_than_the_grace_period_is_cut_and_the_process_still_exits_0(
+    http: aiohttp.ClientSession, emulator: EmulatorServer, tmp_path: Path
+) -> None:
+    grace = 1.0
+    async with launch_proxy(tmp_path, emulator, {"shutdown_grace_s": grace}) as process:
+        assert await get(http, process.proxy_url + DECISION) == 200  # token cached
+        await set_faults(http, emulator, api_latency_ms=120_000)
+        hanging = asyncio.create_task(get(http, process.proxy_url + DECISION))
+
+        async def in_flight() -> bool:
+            return (await scrape(http, process.admin_url)).value("ccp_in_flight_requests") == 1
+
+        await eventually(in_flight)
+        process.proc.send_signal(signal.SIGTERM)
+        assert await process.wait(within=grace + 15) == 0
+        with contextlib.suppress(aiohttp.ClientError):
+            assert await hanging >= 500  # cut: an error status or a dropped connection, never a 200
+        assert (await emulator_in_flight(http, emulator)) == 0  # the upstream call was cancelled too
+
+
+async def emulator_in_flight(http: aiohttp.ClientSession, emulator: EmulatorServer) -> int:
+    async def settled() -> bool:
+        async with http.get(emulator.url + "/_emulator/stats") as resp:
+            return (await resp.json())["in_flight"] == 0
+
+    await eventually(settled)
+    return 0
+
+
+async def test_an_idle_proxy_exits_0_on_sigterm(
+    http: aiohttp.ClientSession, emulator: EmulatorServer, tmp_path: Path
+) -> None:
+    async with launch_proxy(tmp_path, emulator) as process:
+        assert await get(http, process.proxy_url + DECISION) == 200
+        process.proc.send_signal(signal.SIGTERM)
+        assert await process.wait() == 0
+    events = [line.get("event") for line in process.logs()]
+    assert events.index("started") < events.index("draining") < events.index("stopped")
