@@ -40,17 +40,52 @@ def _log_warnings(settings: Settings) -> None:
 
 
 async def serve(settings: Settings, banner: str | None = None) -> int:
-    """Run until SIGTERM/SIGINT, re-reading the secret on SIGHUP; drain, then return 0."""
-    async with ProxyServer(settings) as server:
-        stop = run_until_signalled()
-        with contextlib.suppress(NotImplementedError):
-            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, server.runtime.reload_credentials)
+    """Run until SIGTERM/SIGINT, re-reading the secret on SIGHUP; drain, then return 0.
+
+    The handlers go in before the listeners open, so a SIGTERM during start-up
+    still drains instead of killing the process half-started. The signal itself
+    flips readiness to "draining" at once; ``ProxyServer.stop`` then closes the
+    listener and gives in-flight requests ``shutdown_grace_s``. ``stop`` runs even
+    when start-up fails, so sessions and sockets are always closed.
+    """
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    server = ProxyServer(settings)
+
+    def on_stop_signal(sig: signal.Signals) -> None:
+        if stop.is_set():
+            log.info("signal received while draining", extra={"event": "signal", "signal": sig.name})
+            return
+        server.runtime.draining = True  # readiness fails before the loop even gets to stop()
+        log.info(
+            "signal received: draining",
+            extra={"event": "draining", "signal": sig.name, "grace_s": settings.shutdown_grace_s},
+        )
+        stop.set()
+
+    def on_sighup() -> None:
+        log.info("SIGHUP: re-reading the client secret", extra={"event": "sighup"})
+        try:
+            server.runtime.reload_credentials()
+        except Exception:  # a failing reload must not kill the loop; the old secret stays
+            log.exception("credential reload on SIGHUP failed", extra={"event": "credentials_reload_failed"})
+
+    handled = [signal.SIGTERM, signal.SIGINT]
+    with contextlib.suppress(NotImplementedError):
+        for sig in handled:
+            loop.add_signal_handler(sig, on_stop_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, on_sighup)
+        handled.append(signal.SIGHUP)
+    try:
+        await server.start()
         if banner:
             print(banner.format(proxy=server.proxy_url, admin=server.admin_url), flush=True)
         await stop.wait()
-        log.info(
-            "signal received: draining", extra={"event": "draining", "grace_s": settings.shutdown_grace_s}
-        )
+    finally:
+        await server.stop()
+        for sig in handled:
+            with contextlib.suppress(NotImplementedError, ValueError):
+                loop.remove_signal_handler(sig)
     return 0
 
 
