@@ -7,9 +7,6 @@ ends in a plain message and a non-zero exit code, never a traceback.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
-import signal
 import sys
 from collections.abc import Sequence
 
@@ -40,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(run, required=False)
     check = sub.add_parser("check-config", help="validate a config and print its route table")
     _add_config(check)
+    check.add_argument(
+        "--strict", action="store_true",
+        help="also require every ${VAR} to be set and every file to be readable, as `run` does",
+    )
     explain = sub.add_parser("explain", help="which route a request would match, and its scopes")
     _add_config(explain)
     explain.add_argument("method")
@@ -84,16 +85,6 @@ def _dispatch(args: argparse.Namespace) -> int:
         "flush": commands.flush,
     }
     return handlers[args.command](args)
-
-
-def run_until_signalled(serve: asyncio.Future[None] | None = None) -> asyncio.Event:
-    """An event set by SIGTERM/SIGINT (installed on the running loop)."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
-    return stop
 
 
 if __name__ == "__main__":
