@@ -1,0 +1,184 @@
+"""The ``credicorp-proxy`` command as a user runs it: real subprocesses, real ports."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from proxy import __version__
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+        cwd=ROOT,
+        check=False,
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_version() -> None:
+    result = cli("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"credicorp-proxy {__version__}"
+
+
+def test_check_config_passes_on_the_shipped_route_table() -> None:
+    result = cli("check-config", "-c", "config/credicorp-partner-v1.yaml")
+    assert result.returncode == 0, result.stderr
+    assert "decisions:read" in result.stdout and "Warnings: none" in result.stdout
+    assert "must be set where the proxy runs: CC_CLIENT_ID" in result.stdout
+
+
+def test_check_config_strict_requires_what_run_requires() -> None:
+    result = cli("check-config", "--strict", "-c", "config/credicorp-partner-v1.yaml")
+    assert result.returncode == 2
+    assert "auth.client_id: environment variable CC_CLIENT_ID is not set" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_config_lists_every_problem_with_its_key_path(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "upstream: {url: 'http://api.example.com/path'}\n"
+        "auth: {issuer: https://sso.credicorp.co.uk, client_id: cc_client_x, client_secret: s,"
+        " method: nope}\n"
+        "listen: 'not-an-address'\n"
+        "routes:\n"
+        "  - {methods: [GET], path: /partner/v1/decisions/**, scopes: [decisions:read, payment:write]}\n"
+        "  - {methods: [GET], path: /partner/v1/payments/**, scopes: [payments:write]}\n"
+    )
+    result = cli("check-config", "-c", str(bad))
+    assert result.returncode == 2
+    for key_path in ("upstream.url", "auth.method", "listen", "routes[0].scopes[1]", "routes[1]"):
+        assert key_path in result.stderr, (key_path, result.stderr)
+    assert 'unknown scope "payment:write"' in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_config_file_is_a_clear_error() -> None:
+    result = cli("check-config", "-c", "/nonexistent/config.yaml")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "/nonexistent/config.yaml" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "code", "expect"),
+    [
+        ("GET", "/partner/v1/decisions/dec_1?x=/partner/v1/payments", 0, "decisions:read"),
+        ("DELETE", "/partner/v1/decisions/dec_1", 1, "route_not_allowed"),
+        ("GET", "/partner/v1/decisions/%2e%2e/payments", 2, "bad_request"),
+    ],
+)
+def test_explain_names_the_route_scopes_or_the_reason(
+    method: str, target: str, code: int, expect: str
+) -> None:
+    result = cli("explain", "-c", "config/demo.yaml", method, target)
+    assert result.returncode == code, result.stdout + result.stderr
+    assert expect in result.stdout
+
+
+async def _wait_ready(url: str, proc: subprocess.Popen[str], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as http:
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            try:
+                async with http.get(url) as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"{url} never became ready")
+
+
+async def test_demo_serves_its_curl_lines_and_stops_cleanly_on_ctrl_c() -> None:
+    port, admin, emu = free_port(), free_port(), free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "proxy",
+            "demo",
+            "--port",
+            str(port),
+            "--admin-port",
+            str(admin),
+            "--emulator-port",
+            str(emu),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        await _wait_ready(f"http://127.0.0.1:{admin}/readyz", proc)
+        base = f"http://127.0.0.1:{port}"
+        async with aiohttp.ClientSession() as http:
+            async with http.get(base + "/partner/v1/decisions/dec_demo_001") as resp:
+                assert resp.status == 200
+            body = {"company_number": "09876543", "amount": 25000, "term_months": 12}
+            async with http.post(base + "/partner/v1/applications", json=body) as resp:
+                assert resp.status == 201
+            async with http.delete(base + "/partner/v1/applications/app_demo_001") as resp:
+                assert resp.status == 403
+                assert resp.headers["X-Credicorp-Proxy-Error"] == "route_not_allowed"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert f"curl -s {base}/partner/v1/decisions/dec_demo_001" in out
+    assert "demo-secret" not in err  # the demo's own secret never reaches the logs
+
+
+async def test_run_from_environment_alone(make_emulator) -> None:  # type: ignore[no-untyped-def]
+    emulator = await make_emulator()
+    port, admin = free_port(), free_port()
+    env = {
+        **os.environ,
+        "CCP_UPSTREAM_URL": emulator.url,
+        "CCP_AUTH_ISSUER": emulator.url,
+        "CCP_AUTH_CLIENT_ID": "cc_client_demo",
+        "CCP_AUTH_CLIENT_SECRET": "demo-secret",
+        "CCP_LISTEN": f"127.0.0.1:{port}",
+        "CCP_ADMIN_LISTEN": f"127.0.0.1:{admin}",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "run"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        await _wait_ready(f"http://127.0.0.1:{admin}/readyz", proc)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{port}/partner/v1/accounts/acc_demo_001") as resp:
+                assert resp.status == 200  # the built-in partner/v1 route table
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "demo-secret" not in err
