@@ -24,6 +24,7 @@ from yarl import URL
 
 from proxy import errors
 from proxy.headers import downstream_response_headers, upstream_request_headers
+from proxy.logs import REQUEST_ID
 from proxy.metrics import Metrics
 from proxy.paths import SafeTarget, validate_target
 from proxy.routes import RouteTable
@@ -90,6 +91,8 @@ class Forwarder:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         ex = Exchange(_request_id(request), request.method if request.method in _METHODS else "OTHER")
         self._in_flight.inc()
+        # Token events logged by a mint this request starts carry its id (tasks copy the context).
+        context = REQUEST_ID.set(ex.request_id)
         try:
             response = await self._proxy(request, ex)
         except errors.ProxyError as exc:
@@ -99,6 +102,7 @@ class Forwarder:
             response = web.Response(status=499)
         finally:
             self._in_flight.dec()
+            REQUEST_ID.reset(context)
         self._record(ex)
         return response
 

@@ -264,9 +264,6 @@ async def test_token_events_mint_purge_backoff_reload_and_rejection_are_logged(
     assert rejected["level"] == "error" and rejected["generation"] == 3
 
 
-@pytest.mark.xfail(
-    reason="needs the forward.py change in /tmp/ops-changes.md (REQUEST_ID context)", strict=False
-)
 async def test_token_events_carry_the_id_of_the_request_that_triggered_them(
     start_proxy: StartProxy, http: aiohttp.ClientSession, emulator: EmulatorServer, capture_logs: Capture
 ) -> None:
@@ -282,7 +279,6 @@ async def test_token_events_carry_the_id_of_the_request_that_triggered_them(
     assert purge["request_id"] == second["request_id"] == "req-retry-2"
 
 
-@pytest.mark.xfail(reason="needs the manager.py change in /tmp/ops-changes.md (refresh event)", strict=False)
 async def test_background_refresh_is_logged_without_a_request_id(
     start_proxy: StartProxy, http: aiohttp.ClientSession, emulator: EmulatorServer, capture_logs: Capture
 ) -> None:

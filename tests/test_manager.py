@@ -207,3 +207,47 @@ async def test_rotated_credentials_use_a_new_cache_key(
     assert manager.key_for(DECISIONS, AUD) != old_key
     await manager.get(DECISIONS, AUD)
     assert (await emulator_stats(session, emulator))["tokens_issued"] == 2
+
+
+async def test_prefetched_scope_sets_are_kept_warm_even_when_idle(
+    emulator: EmulatorServer, session: aiohttp.ClientSession
+) -> None:
+    clock = FakeClock()
+    manager = make_manager(emulator, session, clock, idle_s=600)
+    assert await manager.prefetch([(DECISIONS, AUD)]) == []
+    clock.now += 3300  # stale, and nobody used it for far longer than idle_s
+    assert await manager.refresh_due() == 1
+    await asyncio.sleep(0.2)
+    assert (await emulator_stats(session, emulator))["tokens_issued"] == 2
+    assert manager.has_usable(DECISIONS, AUD)
+
+
+async def test_keys_of_a_rotated_out_secret_are_not_refreshed(
+    emulator: EmulatorServer,
+    session: aiohttp.ClientSession,
+    tmp_path,  # type: ignore[no-untyped-def]
+) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("demo-secret")
+    async with session.post(
+        emulator.url + "/_emulator/clients/cc_client_demo/secrets", json={"secret": "second-secret"}
+    ) as resp:
+        assert resp.status == 201
+    auth = AuthSettings(
+        issuer=emulator.url, client_id="cc_client_demo", client_secret_file=str(secret), verify=False
+    )
+    creds = CredentialProvider(auth.client_id, secret_file=str(secret))
+    clock = FakeClock()
+    metrics = Metrics()
+    manager = TokenManager(
+        TokenSource(auth, creds, session, clock=clock, metrics=metrics),
+        creds,
+        refresh=RefreshSettings(jitter_s=0.0),
+        clock=clock,
+        metrics=metrics,
+    )
+    await manager.get(DECISIONS, AUD)
+    secret.write_text("second-secret")
+    assert creds.reload()
+    clock.now += 3300  # the old-secret key is stale but will never be asked for again
+    assert await manager.refresh_due() == 0

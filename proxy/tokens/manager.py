@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 from collections.abc import Callable, Iterable
@@ -73,6 +74,7 @@ class TokenManager:
         self.memory = MemoryTokenCache(clock)
         self._flights: dict[CacheKey, asyncio.Task[Token]] = {}
         self._last_used: dict[CacheKey, float] = {}
+        self._pinned: set[CacheKey] = set()  # prefetched: kept warm even when idle (readiness needs them)
         self._jitter: dict[str, float] = {}  # token digest -> seconds to refresh early
         self._keys: dict[tuple[str, tuple[str, ...]], CacheKey] = {}
         self._keys_fingerprint = ""
@@ -237,8 +239,10 @@ class TokenManager:
         """
         now = self._clock()
         started = 0
+        current = self._credentials.current().fingerprint
         for key, used in list(self._last_used.items()):
-            if now - used > self._policy.idle_s:
+            idle = now - used > self._policy.idle_s and key not in self._pinned
+            if idle or key.fingerprint != current:  # a rotated-out secret's keys are never asked for again
                 del self._last_used[key]
                 self._forget_ttl(key)
                 continue
@@ -246,7 +250,7 @@ class TokenManager:
             if token is not None:
                 self._metrics.token_ttl.labels(key.scope_label).set(max(0.0, token.expires_at - now))
             if key not in self._flights and (token is None or now >= self.refresh_at(token)):
-                self._start_flight(key, None).add_done_callback(self._count_refresh)
+                self._start_flight(key, None).add_done_callback(functools.partial(self._count_refresh, key))
                 started += 1
         return started
 
@@ -256,9 +260,22 @@ class TokenManager:
             with contextlib.suppress(KeyError):
                 self._metrics.token_ttl.remove(key.scope_label)
 
-    def _count_refresh(self, done: asyncio.Task[Token]) -> None:
+    def _count_refresh(self, key: CacheKey, done: asyncio.Task[Token]) -> None:
+        """Count and log one background refresh (the token event operators look for)."""
         failed = done.cancelled() or done.exception() is not None
-        self._metrics.token_refreshes.labels("error" if failed else "ok").inc()
+        result = "error" if failed else "ok"
+        self._metrics.token_refreshes.labels(result).inc()
+        log.log(
+            logging.DEBUG if failed else logging.INFO,  # a failure is already logged as mint_failed
+            "background refresh failed" if failed else "token refreshed in the background",
+            extra={
+                "event": "refresh",
+                "result": result,
+                "scopes": key.scope_label,
+                "audience": key.audience,
+                "token_digest": None if failed else done.result().digest,
+            },
+        )
 
     async def run_refresher(self, interval_s: float = 1.0) -> None:
         """Background task: keep every scope set in use fresh until cancelled."""
@@ -272,6 +289,7 @@ class TokenManager:
     async def prefetch(self, wanted: Iterable[tuple[tuple[str, ...], str]]) -> list[ProxyError]:
         """Mint (or load from the shared tier) the given scope sets before traffic arrives."""
         keys = {self.key_for(scopes, audience) for scopes, audience in wanted}
+        self._pinned = keys
         for key in keys:
             self._last_used[key] = self._clock()
         results = await asyncio.gather(*(self._await_flight(k, None) for k in keys), return_exceptions=True)
