@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 import yaml
 
-from proxy.config import SECTIONS, env_variables, load_config, parse_config
+from proxy.config import load_config, parse_config
+from proxy.config_env import SECTIONS, env_variables
 from proxy.emulator.api import API_ROUTES
 from proxy.errors import ConfigError
 from proxy.settings import ListenAddress, Settings

@@ -1,0 +1,45 @@
+"""How configuration problems are collected and named: the ``Report`` and key paths.
+
+Shared by every config module (loading, environment, value checks) so that
+each problem names the key path an operator edits (``auth.issuer``,
+``routes[3].scopes[0]``) and at most one problem is kept per path.
+"""
+
+from __future__ import annotations
+
+import typing
+from collections.abc import Mapping
+from typing import Any
+
+from proxy.routes import did_you_mean
+
+
+class Report:
+    """Collects problems (fatal) and warnings; at most one problem per key path, the first."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+        self.warnings: list[str] = []
+        self._bad: set[str] = set()
+
+    def problem(self, where: str, message: str) -> None:
+        if where not in self._bad:
+            self._bad.add(where)
+            self.problems.append(f"{where}: {message}")
+
+    def warn(self, where: str, message: str) -> None:
+        self.warnings.append(f"{where}: {message}")
+
+
+def key_path(parent: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{parent}[{key}]"
+    return f"{parent}.{key}" if parent else key
+
+
+def check_keys(raw: Mapping[str, Any], allowed: typing.Iterable[str], where: str, report: Report) -> None:
+    """Unknown keys are problems: a typo (``scope:``) must not silently fall back to a default."""
+    allowed = tuple(allowed)
+    for key in raw:
+        if key not in allowed:
+            report.problem(key_path(where, str(key)), "unknown key" + did_you_mean(str(key), allowed))
