@@ -19,7 +19,6 @@ from typing import Any
 from urllib.parse import quote
 
 import aiohttp
-import pytest
 from yarl import URL
 
 from proxy.emulator.app import EmulatorServer
@@ -212,10 +211,6 @@ async def test_an_empty_or_missing_secret_file_keeps_the_previous_secret(
     assert await get(http, proxy.proxy_url + ACCOUNT) == 200  # new mint with the previous secret
 
 
-@pytest.mark.xfail(
-    reason="needs the manager.py change in /tmp/ops-changes.md §6 (prefetch follows a rotated secret)",
-    strict=False,
-)
 async def test_prefetched_scope_sets_are_minted_again_with_a_rotated_secret(
     start_proxy: StartProxy, http: aiohttp.ClientSession, emulator: EmulatorServer, tmp_path: Path
 ) -> None:

@@ -74,7 +74,9 @@ class TokenManager:
         self.memory = MemoryTokenCache(clock)
         self._flights: dict[CacheKey, asyncio.Task[Token]] = {}
         self._last_used: dict[CacheKey, float] = {}
-        self._pinned: set[CacheKey] = set()  # prefetched: kept warm even when idle (readiness needs them)
+        # Prefetched (scope set, audience) pairs: kept warm even when idle, because readiness
+        # needs them. Held as pairs, not keys, so a rotated secret's new keys are pinned too.
+        self._pinned: frozenset[tuple[tuple[str, ...], str]] = frozenset()
         self._jitter: dict[str, float] = {}  # token digest -> seconds to refresh early
         self._keys: dict[tuple[str, tuple[str, ...]], CacheKey] = {}
         self._keys_fingerprint = ""
@@ -240,8 +242,11 @@ class TokenManager:
         now = self._clock()
         started = 0
         current = self._credentials.current().fingerprint
+        pinned = {self.key_for(scopes, audience) for scopes, audience in self._pinned}
+        for key in pinned:  # after a rotation these are new keys: warm them with the new secret
+            self._last_used.setdefault(key, now)
         for key, used in list(self._last_used.items()):
-            idle = now - used > self._policy.idle_s and key not in self._pinned
+            idle = now - used > self._policy.idle_s and key not in pinned
             if idle or key.fingerprint != current:  # a rotated-out secret's keys are never asked for again
                 del self._last_used[key]
                 self._forget_ttl(key)
@@ -288,8 +293,8 @@ class TokenManager:
 
     async def prefetch(self, wanted: Iterable[tuple[tuple[str, ...], str]]) -> list[ProxyError]:
         """Mint (or load from the shared tier) the given scope sets before traffic arrives."""
-        keys = {self.key_for(scopes, audience) for scopes, audience in wanted}
-        self._pinned = keys
+        self._pinned = frozenset(wanted)
+        keys = {self.key_for(scopes, audience) for scopes, audience in self._pinned}
         for key in keys:
             self._last_used[key] = self._clock()
         results = await asyncio.gather(*(self._await_flight(k, None) for k in keys), return_exceptions=True)
