@@ -227,6 +227,9 @@ _VALUE_CHECKS: Final[dict[str, Callable[[Any], str | None]]] = {
     "upstream.retry_body_limit": _NON_NEGATIVE,
     "upstream.max_body_bytes": _POSITIVE,
     "upstream.pool_size": _POSITIVE,
+    "upstream.response_buffer_bytes": _check_range(
+        lambda v: 0 <= v <= 16 * 1024 * 1024, "must be between 0 and 16777216 (16 MiB)"
+    ),
     "auth.issuer": check_url,
     "auth.token_endpoint": check_url,
     "auth.client_id": lambda v: None if v.strip() else "must not be empty",

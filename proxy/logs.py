@@ -54,11 +54,23 @@ _NAMED_SECRET: Final = re.compile(
 #: The id of the request being served (set by the forwarding handler), or None.
 REQUEST_ID: Final[contextvars.ContextVar[str | None]] = contextvars.ContextVar("ccp_request_id", default=None)
 
+_SCALARS: Final = frozenset({str, int, float, bool})
 _LEVEL_ALIASES: Final = {"warn": "WARNING", "fatal": "CRITICAL"}
+
+
+#: Each pattern above needs one of these literally (case-insensitively), so a line holding none
+#: of them is returned untouched without running the three substitutions (the access-log case).
+_NEEDLES: Final = (
+    "bearer", "basic", "client_secret", "access_token", "refresh_token", "id_token", "password"
+)
 
 
 def scrub(text: str) -> str:
     """Remove anything shaped like a credential from ``text``."""
+    if text.isascii() and "eyJ" not in text:  # non-ASCII: re's case folding is wider than lower()
+        lowered = text.lower()
+        if not any(needle in lowered for needle in _NEEDLES):
+            return text
     text = _BEARER.sub(lambda m: f"{m.group(1)} {_REDACTED}", text)
     text = _JWT.sub(_REDACTED, text)
     return _NAMED_SECRET.sub(lambda m: f"{m.group(1)}{m.group(2)}{_REDACTED}", text)
@@ -70,6 +82,8 @@ def redact(value: Any, depth: int = 0) -> Any:
     Why: a structured field such as ``headers`` or ``form`` may hold a secret under
     a harmless top-level name; the regex scrub is the backstop, this is the rule.
     """
+    if value is None or type(value) in _SCALARS:
+        return value
     if depth > _MAX_DEPTH:
         return "[too deep]"
     if isinstance(value, Mapping):
@@ -85,10 +99,22 @@ def redact(value: Any, depth: int = 0) -> Any:
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, then the extra fields."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._second = -1
+        self._second_text = ""
+
+    def _timestamp(self, record: logging.LogRecord) -> str:
+        """ISO-8601 UTC with milliseconds; the seconds part is formatted once per second."""
+        second = int(record.created)
+        if second != self._second:
+            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = second
+        return f"{self._second_text}.{int(record.msecs):03d}Z"
+
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "ts": self._timestamp(record),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),

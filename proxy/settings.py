@@ -37,6 +37,9 @@ class UpstreamSettings:
     max_body_bytes: int | None = None  # 413 body_too_large over this; None = unlimited
     forwarded_headers: bool = False  # add X-Forwarded-For / X-Forwarded-Proto
     pool_size: int = 256  # keep-alive connections to the upstream
+    # Responses with a Content-Length up to this are relayed in one write (headers + body);
+    # larger or unsized ones are streamed chunk by chunk. 0 = always stream.
+    response_buffer_bytes: int = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)

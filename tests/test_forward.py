@@ -324,15 +324,50 @@ async def test_upstream_timeout_is_504(
         assert resp.headers["X-Credicorp-Proxy-Error"] == "upstream_timeout"
 
 
+@pytest.mark.parametrize(
+    ("buffer_bytes", "expected"),
+    [
+        # streamed: the headers are already out, so the client sees its body cut short
+        (0, (aiohttp.ClientPayloadError,)),
+        # relayed whole (the default for small answers): nothing was sent, the connection just closes
+        (64 * 1024, (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError)),
+    ],
+    ids=["streamed", "buffered"],
+)
 async def test_upstream_drop_mid_body_resets_the_client(
-    start_proxy: StartProxy, http: aiohttp.ClientSession, emulator: EmulatorServer
+    start_proxy: StartProxy,
+    http: aiohttp.ClientSession,
+    emulator: EmulatorServer,
+    buffer_bytes: int,
+    expected: tuple[type[Exception], ...],
 ) -> None:
-    proxy = await start_proxy()
+    proxy = await start_proxy({"upstream": {"response_buffer_bytes": buffer_bytes}})
     assert await _status(http, proxy.proxy_url + DECISION) == 200
-    await set_faults(http, emulator, api_drop="after_headers")
-    with pytest.raises(aiohttp.ClientPayloadError):
-        async with http.get(proxy.proxy_url + DECISION) as resp:
-            await resp.read()
+    # Two drops: aiohttp's client resends a GET once when the server closes before answering.
+    await set_faults(http, emulator, api_drop="after_headers", api_drop_count=2)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as fresh:
+        with pytest.raises(expected):
+            async with fresh.get(proxy.proxy_url + DECISION) as resp:
+                await resp.read()
+    assert proxy.runtime.metrics.in_flight._value.get() == 0
+
+
+async def test_small_answers_are_relayed_whole_and_large_ones_streamed(
+    start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    """Both relay paths give the same bytes and framing; only the write pattern differs."""
+    proxy = await start_proxy({"upstream": {"response_buffer_bytes": 4096}})
+    for size in (100, 4096, 4097, 300_000):
+        url = proxy.proxy_url + f"/partner/v1/accounts/acc_demo_001/statement?bytes={size}"
+        async with http.get(url) as resp:
+            body = await resp.read()
+            assert resp.status == 200
+            assert resp.headers["Content-Length"] == str(size)
+            assert "Transfer-Encoding" not in resp.headers
+        assert body == b"".join(statement_bytes(size, "acc_demo_001"))
+    async with http.head(proxy.proxy_url + "/partner/v1/accounts/acc_demo_001/statement?bytes=100") as resp:
+        assert resp.status in (200, 405)
+        assert await resp.read() == b""
 
 
 async def test_client_going_away_cancels_the_upstream_request(

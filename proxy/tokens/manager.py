@@ -77,7 +77,7 @@ class TokenManager:
         # Prefetched (scope set, audience) pairs: kept warm even when idle, because readiness
         # needs them. Held as pairs, not keys, so a rotated secret's new keys are pinned too.
         self._pinned: frozenset[tuple[tuple[str, ...], str]] = frozenset()
-        self._jitter: dict[str, float] = {}  # token digest -> seconds to refresh early
+        self._due: dict[str, float] = {}  # token digest -> refresh_at (jittered once per token)
         self._keys: dict[tuple[str, tuple[str, ...]], CacheKey] = {}
         self._keys_fingerprint = ""
         self._memory_hit = metrics.cache_lookups.labels("memory", "hit")
@@ -141,20 +141,21 @@ class TokenManager:
         return now < token.expires_at - margin
 
     def refresh_at(self, token: Token) -> float:
+        """When ``token`` becomes stale; computed once per token (the request path asks every time)."""
+        due = self._due.get(token.digest)
+        if due is None:
+            if len(self._due) > 4096:
+                self._due.clear()
+            due = self._due[token.digest] = self._compute_refresh_at(token)
+        return due
+
+    def _compute_refresh_at(self, token: Token) -> float:
         life = token.lifetime
         policy = self._policy
         due = min(token.issued_at + policy.at_fraction * life, token.expires_at - policy.min_margin_s)
         due = max(due, token.issued_at + 0.5 * life)
-        return due - self._jitter_for(token)
-
-    def _jitter_for(self, token: Token) -> float:
-        jitter = self._jitter.get(token.digest)
-        if jitter is None:
-            if len(self._jitter) > 4096:
-                self._jitter.clear()
-            spread = min(self._policy.jitter_s, 0.05 * token.lifetime)
-            jitter = self._jitter[token.digest] = self._rng.uniform(0.0, spread)
-        return jitter
+        spread = min(policy.jitter_s, 0.05 * life)
+        return due - self._rng.uniform(0.0, spread)
 
     def is_fresh(self, token: Token | None, now: float) -> bool:
         return token is not None and self.usable(token, now) and now < self.refresh_at(token)

@@ -83,15 +83,16 @@ class Token:
     expires_at: float
     scopes: tuple[str, ...]
     audience: str
+    #: Identifies this token (compare-and-purge, logs, Redis) without revealing it. Computed
+    #: once here because the request path reads it on every request.
+    digest: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "digest", hashlib.sha256(self.value.encode()).hexdigest()[:16])
 
     @property
     def lifetime(self) -> float:
         return self.expires_at - self.issued_at
-
-    @property
-    def digest(self) -> str:
-        """Identifies this token (for compare-and-purge, logs) without revealing it."""
-        return hashlib.sha256(self.value.encode()).hexdigest()[:16]
 
     def is_expired(self, now: float) -> bool:
         return now >= self.expires_at
