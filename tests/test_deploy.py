@@ -10,7 +10,7 @@ they are checked offline, as strictly as the tools allow:
   native sidecar, secret mounted without ``subPath``, probes on the admin port);
 * the Dockerfile with ``hadolint`` at style level (warnings fail);
 * the alert rules with ``promtool check rules`` and ``promtool test rules``,
-  and every metric they and the dashboard use against ``proxy.metrics.Metrics``.
+  and every metric and label they and the dashboard use against ``proxy.metrics.Metrics``.
 
 A missing linter skips locally but fails in CI (``CI=true``), so CI cannot go
 green without having run it. ``promtool`` and ``kubectl`` are optional.
@@ -188,7 +188,45 @@ def metric_series_names() -> set[str]:
     return names
 
 
+def metric_series_labels() -> dict[str, set[str]]:
+    """Label names of every series ``proxy.metrics.Metrics`` can expose (``le`` on buckets)."""
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from proxy.metrics import Metrics
+
+    metrics = Metrics()
+    wrappers = {w._name: w for w in vars(metrics).values() if isinstance(w, MetricWrapperBase)}
+    labels: dict[str, set[str]] = {}
+    for family in metrics.registry.collect():
+        names = set(wrappers[family.name]._labelnames)
+        if family.type == "info":
+            names = set(family.samples[0].labels)
+        for sample in {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}.get(
+            family.type, ("_info",) if family.type == "info" else ("",)
+        ):
+            labels[family.name + sample] = names | ({"le"} if sample == "_bucket" else set())
+    return labels
+
+
+# Labels Prometheus adds to every scraped series (the PodMonitor / scrape config).
+TARGET_LABELS = {"namespace", "pod", "container", "job", "instance"}
 METRIC_RE = re.compile(r"\b(ccp_[A-Za-z0-9_]+)")
+SELECTOR_RE = re.compile(r"\b(ccp_[A-Za-z0-9_]+)\{([^}]*)\}")
+MATCHER_RE = re.compile(r"([A-Za-z_]\w*)\s*(?:=~|!~|!=|=)\s*\"")
+GROUPING_RE = re.compile(r"\b(?:by|without|on|ignoring)\s*\(([^)]*)\)")
+
+
+def unknown_labels(expr: str, labels: dict[str, set[str]]) -> set[str]:
+    """Labels an expression matches or groups on that none of its metrics (nor the target) has."""
+    bad = set()
+    for metric, matchers in SELECTOR_RE.findall(expr):
+        bad |= {f"{metric}{{{m}}}" for m in MATCHER_RE.findall(matchers)} - {
+            f"{metric}{{{m}}}" for m in labels.get(metric, set()) | TARGET_LABELS
+        }
+    known = set().union(TARGET_LABELS, *(labels.get(m, set()) for m in referenced_metrics(expr)))
+    for group in GROUPING_RE.findall(expr):
+        bad |= {g.strip() for g in group.split(",") if g.strip()} - known
+    return bad
 
 
 def referenced_metrics(expr: str) -> set[str]:
@@ -674,14 +712,65 @@ def test_alert_rules_are_complete_and_use_only_real_metrics() -> None:
     # What the operations issue asks the alerts to cover.
     for needed in (
         "ccp_token_mints_total",
+        "ccp_token_endpoint_errors_total",
         "ccp_token_ttl_seconds",
         "ccp_credentials_rejected",
+        "ccp_credential_reload_errors_total",
         "ccp_insufficient_scope_total",
         "ccp_redis_errors_total",
         "ccp_request_duration_seconds_bucket",
         "ccp_ready",
     ):
         assert needed in used, f"no alert on {needed}"
+
+
+def test_alerts_and_dashboard_use_only_labels_the_metrics_have() -> None:
+    labels = metric_series_labels()
+    for rule in alert_rules():
+        bad = unknown_labels(rule["expr"], labels)
+        assert not bad, f"{rule['alert']} uses labels its metrics do not have: {bad}"
+    for expr in dashboard_exprs():
+        bad = unknown_labels(expr, labels)
+        assert not bad, f"dashboard query uses labels its metrics do not have: {bad} in {expr}"
+
+
+def error_regex(alert: str) -> re.Pattern[str]:
+    """An alert's ``error=~"..."`` matcher on ``ccp_token_endpoint_errors_total`` (anchored, as PromQL is)."""
+    (rule,) = [r for r in alert_rules() if r["alert"] == alert]
+    found = set(re.findall(r'ccp_token_endpoint_errors_total\{error=~"([^"]+)"\}', rule["expr"]))
+    assert len(found) == 1, f"{alert}: one error matcher, used the same way everywhere in the expression"
+    return re.compile(found.pop())
+
+
+def test_endpoint_error_alerts_split_the_error_labels_the_way_the_policy_does() -> None:
+    """Endpoint-wide failures page as "endpoint failing", request/config errors as misconfigured.
+
+    The split follows ``proxy.tokens.backoff``: what backs off every key (TRANSIENT) is
+    the endpoint's fault; what backs off one key (CONFIG) is ours. ``invalid_client`` and
+    ``invalid_scope`` have alerts of their own and are in neither.
+    """
+    from proxy.tokens.backoff import ErrorClass, classify
+
+    failing = error_regex("CredicorpProxyTokenEndpointFailing")
+    misconfigured = error_regex("CredicorpProxyTokenRequestMisconfigured")
+    oauth_codes = [
+        None, "invalid_client", "invalid_scope", "invalid_request", "unauthorized_client",
+        "unsupported_grant_type", "invalid_grant", "temporarily_unavailable", "server_error", "made_up",
+    ]  # fmt: skip
+    labels: dict[str, ErrorClass] = {}
+    for status in (302, 400, 401, 403, 404, 429, 500, 502, 503):
+        for code in oauth_codes:
+            kind, label = classify(status, code)
+            labels[label] = kind
+    # Labels made outside classify(): proxy/tokens/wire.py, source.py (network, parse, verify, discovery).
+    for label in ("timeout", "connect", "malformed", "unverified", "discovery_http", "discovery_malformed",
+                  "discovery_issuer_mismatch", "discovery_timeout", "discovery_connect"):  # fmt: skip
+        labels[label] = ErrorClass.TRANSIENT
+    assert {"http_429", "http_5xx", "http_4xx", "http_3xx", "other_oauth_error"} <= labels.keys()
+    for label, kind in labels.items():
+        in_failing, in_misconfigured = bool(failing.fullmatch(label)), bool(misconfigured.fullmatch(label))
+        assert in_failing == (kind is ErrorClass.TRANSIENT), f"{label} ({kind.value}) in EndpointFailing"
+        assert in_misconfigured == (kind is ErrorClass.CONFIG), f"{label} ({kind.value}) in Misconfigured"
 
 
 def test_promtool_accepts_the_rules() -> None:
@@ -700,6 +789,23 @@ def _promtool_tests() -> list[dict[str, Any]]:
     on_pod = {"namespace": "shop", "pod": "app-1"}
     scope = 'route="decisions-read", scope="x:read"'
     scope_labels = {"route": "decisions-read", "scope": "x:read"}
+
+    def series(selector: str, values: str) -> dict[str, str]:
+        return {"series": selector, "values": values}
+
+    def mints(result: str, values: str, scopes: str = "a") -> dict[str, str]:
+        return series(f'ccp_token_mints_total{{{pod}, scopes="{scopes}", result="{result}"}}', values)
+
+    def endpoint_errors(error: str, values: str) -> dict[str, str]:
+        return series(f'ccp_token_endpoint_errors_total{{{pod}, error="{error}"}}', values)
+
+    def quiet(alert: str, *times: str) -> list[dict[str, Any]]:
+        return [{"eval_time": at, "alertname": alert, "exp_alerts": []} for at in times]
+
+    def fires(alert: str, at: str, severity: str, **labels: str) -> dict[str, Any]:
+        exp = {"severity": severity, **on_pod, **labels}
+        return {"eval_time": at, "alertname": alert, "exp_alerts": [{"exp_labels": exp}]}
+
     return [
         {
             "interval": "1m",
@@ -711,6 +817,7 @@ def _promtool_tests() -> list[dict[str, Any]]:
                 {"series": f'ccp_redis_errors_total{{{pod}, op="get"}}', "values": "0+5x20"},
                 {"series": f"ccp_insufficient_scope_total{{{pod}, {scope}}}", "values": "0 1x10"},
                 {"series": f'ccp_token_mints_total{{{pod}, scopes="a", result="error"}}', "values": "0+1x20"},
+                {"series": f'ccp_token_endpoint_errors_total{{{pod}, error="http_5xx"}}', "values": "0+1x20"},
             ],
             "alert_rule_test": [
                 {"eval_time": "1m", "alertname": "CredicorpProxyCredentialsRejected", "exp_alerts": []},
@@ -751,16 +858,106 @@ def _promtool_tests() -> list[dict[str, Any]]:
             ],
         },
         {
-            # Failures, but the endpoint also succeeds: no alert.
+            # 429s, but most mints that went out succeed: no alert.
             "interval": "1m",
             "input_series": [
-                {"series": f'ccp_token_mints_total{{{pod}, scopes="a", result="error"}}', "values": "0+1x20"},
-                {"series": f'ccp_token_mints_total{{{pod}, scopes="a", result="ok"}}', "values": "0+1x20"},
+                mints("rate_limited", "0+1x20"),
+                endpoint_errors("http_429", "0+1x20"),
+                mints("ok", "0+2x20"),
                 {"series": f'ccp_token_ttl_seconds{{{pod}, scopes="a"}}', "values": "3000x20"},
             ],
             "alert_rule_test": [
-                {"eval_time": "16m", "alertname": "CredicorpProxyTokenEndpointFailing", "exp_alerts": []},
-                {"eval_time": "16m", "alertname": "CredicorpProxyTokenNearExpiry", "exp_alerts": []},
+                *quiet("CredicorpProxyTokenEndpointFailing", "16m"),
+                *quiet("CredicorpProxyTokenNearExpiry", "16m"),
+            ],
+        },
+        {
+            # A long Retry-After: one 429 every 5 minutes and no success. Sparse, but every
+            # call fails, so it fires (and not before the failures are sustained).
+            "interval": "1m",
+            "input_series": [
+                mints("rate_limited", "0x4 1x4 2x4 3x4 4x4 5x4"),
+                endpoint_errors("http_429", "0x4 1x4 2x4 3x4 4x4 5x4"),
+            ],
+            "alert_rule_test": [
+                *quiet("CredicorpProxyTokenEndpointFailing", "9m", "12m"),
+                fires("CredicorpProxyTokenEndpointFailing", "20m", "warning"),
+                *quiet("CredicorpProxyTokenRequestMisconfigured", "20m"),
+            ],
+        },
+        {
+            # Only local refusals (backoff, latch, rate ceiling) and no ok mint in the window,
+            # as with one-hour tokens: nothing reached the endpoint, so it is not failing.
+            "interval": "1m",
+            "input_series": [
+                mints("local_latched", "0+30x20", scopes="x:admin"),
+                mints("local_backoff", "0+5x20", scopes="x:admin"),
+                mints("local_throttled", "0+2x20"),
+                mints("ok", "3x20"),
+            ],
+            "alert_rule_test": [
+                *quiet("CredicorpProxyTokenEndpointFailing", "6m", "16m"),
+                *quiet("CredicorpProxyScopeNotGranted", "16m"),
+            ],
+        },
+        {
+            # One timeout, then a success on the retry: no alert.
+            "interval": "1m",
+            "input_series": [
+                mints("timeout", "0 1x20"),
+                endpoint_errors("timeout", "0 1x20"),
+                mints("ok", "0 0 1x19"),
+            ],
+            "alert_rule_test": [*quiet("CredicorpProxyTokenEndpointFailing", "3m", "8m", "12m")],
+        },
+        {
+            # invalid_scope for one scope set (re-asked every 5 min, refused locally in
+            # between) while the endpoint serves the others: a config alert naming the
+            # scope set, never "endpoint failing".
+            "interval": "1m",
+            "input_series": [
+                mints("invalid_scope", "1x4 2x4 3x4 4x4 5x4", scopes="x:admin"),
+                endpoint_errors("invalid_scope", "1x4 2x4 3x4 4x4 5x4"),
+                mints("local_latched", "0+10x24", scopes="x:admin"),
+                series(f'ccp_proxy_errors_total{{{pod}, error="scope_not_granted"}}', "0+10x24"),
+                mints("ok", "3x24"),
+            ],
+            "alert_rule_test": [
+                # Before a second invalid_scope mint shows, the 500s to the app give it away.
+                fires("CredicorpProxyScopeNotGranted", "2m", "warning"),
+                fires("CredicorpProxyScopeNotGranted", "7m", "warning", scopes="x:admin"),
+                fires("CredicorpProxyScopeNotGranted", "20m", "warning", scopes="x:admin"),
+                *quiet("CredicorpProxyTokenEndpointFailing", "16m", "20m"),
+                *quiet("CredicorpProxyTokenRequestMisconfigured", "20m"),
+            ],
+        },
+        {
+            # invalid_request for one scope set, every retry: a config alert, not "endpoint failing".
+            "interval": "1m",
+            "input_series": [
+                mints("error", "0+1x30", scopes="b"),
+                endpoint_errors("invalid_request", "0+1x30"),
+                mints("ok", "3x30"),
+            ],
+            "alert_rule_test": [
+                *quiet("CredicorpProxyTokenRequestMisconfigured", "5m"),
+                fires("CredicorpProxyTokenRequestMisconfigured", "16m", "warning", error="invalid_request"),
+                *quiet("CredicorpProxyTokenEndpointFailing", "16m"),
+            ],
+        },
+        {
+            # app-1's secret file stays broken (re-read every 30 s); app-2 had one failed
+            # re-read mid-swap; app-3 never failed. Only app-1 fires, after 10 minutes.
+            "interval": "1m",
+            "input_series": [
+                series(f"ccp_credential_reload_errors_total{{{pod}}}", "0+2x30"),
+                series('ccp_credential_reload_errors_total{namespace="shop", pod="app-2"}', "0x3 1x27"),
+                series('ccp_credential_reload_errors_total{namespace="shop", pod="app-3"}', "0x30"),
+            ],
+            "alert_rule_test": [
+                *quiet("CredicorpProxySecretReloadFailing", "5m"),
+                fires("CredicorpProxySecretReloadFailing", "15m", "warning"),
+                fires("CredicorpProxySecretReloadFailing", "25m", "warning"),
             ],
         },
     ]
@@ -808,6 +1005,14 @@ def test_dashboard_is_valid_and_uses_only_real_metrics() -> None:
         for t in p.get("targets", []):
             used = set(re.findall(r"\$\{?([A-Za-z]\w*)\}?", t["expr"])) - {"__rate_interval", "__interval"}
             assert used <= variables, f"{p['title']}: undefined variables {used - variables}"
+
+
+def test_every_metric_an_alert_uses_has_a_dashboard_panel() -> None:
+    """Whoever gets paged can see the series the alert fired on."""
+    on_dashboard = set().union(*(referenced_metrics(e) for e in dashboard_exprs()))
+    for rule in alert_rules():
+        missing = referenced_metrics(rule["expr"]) - on_dashboard
+        assert not missing, f"{rule['alert']} uses {missing}, which no dashboard panel shows"
 
 
 def test_dashboard_panels_do_not_overlap() -> None:
