@@ -38,8 +38,9 @@ def endpoint_failing(health: SourceHealth, now: float) -> bool:
 
 def readiness(runtime: Runtime) -> tuple[bool, dict[str, Any]]:
     """Ready when requests can be served: every prefetched scope set has a valid token,
-    or the token endpoint is working. Never ready while draining or while the
-    credentials are rejected."""
+    or the token endpoint is working, or (nothing prefetched) some scope set still has
+    a valid cached token while the endpoint is down. Never ready while draining or
+    while the credentials are rejected."""
     if runtime.draining:
         return False, {"ready": False, "reason": "draining"}
     health = runtime.source.health()
@@ -55,6 +56,9 @@ def readiness(runtime: Runtime) -> tuple[bool, dict[str, Any]]:
         return True, {"ready": True}
     if not endpoint_failing(health, runtime.clock()):
         return True, {"ready": True, "warming": missing} if missing else {"ready": True}
+    if not prefetched and (cached := runtime.tokens.usable_count()):
+        # Nothing was promised warm: the scope sets in use are still served from the cache.
+        return True, {"ready": True, "degraded": "token_endpoint_unavailable", "cached_scope_sets": cached}
     return False, {
         "ready": False,
         "reason": "token_endpoint_unavailable",

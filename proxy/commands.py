@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import sys
+import urllib.parse
 from collections.abc import Coroutine
 from importlib import resources
 from typing import Any
@@ -145,19 +146,51 @@ def flush(args: argparse.Namespace) -> int:
 
 
 async def _flush(settings: Settings) -> int:
+    """Drop the client's tokens from Redis and broadcast the drop; non-zero unless all of it worked.
+
+    The cache degrades quietly on Redis errors (right for serving requests),
+    so the flush counts the errors it caused: after a leaked secret an
+    operator must never read "dropped" when nothing was.
+    """
     import time
 
-    cache = open_shared_cache(settings, time.time, Metrics())
+    metrics = Metrics()
+    cache = open_shared_cache(settings, time.time, metrics)
     assert cache is not None
     try:
+        if not await cache.ping():
+            where = _redacted_url(settings.cache.url)
+            print(f"flush failed: Redis at {where} is unreachable", file=sys.stderr)
+            return 2
         dropped = await cache.purge_all(settings.auth.client_id)
     finally:
         await cache.close()
+    failed = sorted(
+        sample.labels["op"]
+        for sample in next(iter(metrics.redis_errors.collect())).samples
+        if sample.name.endswith("_total") and sample.value > 0
+    )
+    if failed:
+        print(
+            f"flush incomplete: Redis failed during {', '.join(failed)}; dropped {dropped} token(s) "
+            "before that; run it again",
+            file=sys.stderr,
+        )
+        return 2
     print(
         f"dropped {dropped} cached token(s) of {settings.auth.client_id}; "
         "every replica was told to drop its memory copies"
     )
     return 0
+
+
+def _redacted_url(url: str) -> str:
+    """A cache URL fit to print: any password in it replaced."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 # ------------------------------------------------------------------- demo

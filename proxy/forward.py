@@ -10,6 +10,7 @@ work that could be done at start-up.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import os
@@ -105,6 +106,12 @@ class Forwarder:
         except ClientGone:
             ex.error, ex.status = "client_gone", 499
             response = web.Response(status=499)
+        except asyncio.CancelledError:
+            # The client went away (aiohttp cancels the handler) or the drain grace ran out:
+            # the request still gets its log line and its count, then the cancellation goes on.
+            ex.error, ex.status = "client_gone", 499
+            self._record(ex)
+            raise
         finally:
             self._in_flight.dec()
             REQUEST_ID.reset(context)

@@ -192,6 +192,27 @@ async def test_ready_while_the_endpoint_is_down_if_every_prefetched_set_has_a_va
     assert await get(http, proxy.proxy_url + DECISION) == 200  # served from the cached token
 
 
+async def test_without_prefetch_ready_while_cached_tokens_last_then_not_ready(
+    start_proxy: StartProxy, http: aiohttp.ClientSession, emulator: EmulatorServer
+) -> None:
+    """Nothing prefetched: an endpoint outage is survivable while the scope sets in use are cached."""
+    async with http.post(emulator.url + "/_emulator/settings", json={"token_ttl": 4}) as resp:
+        assert resp.status == 200
+    proxy = await start_proxy({"refresh": {"prefetch": "none"}})
+    assert await get(http, proxy.proxy_url + DECISION) == 200  # decisions:read now cached
+    await set_faults(http, emulator, token_status=503, token_count=1_000_000)
+    assert await get(http, proxy.proxy_url + ACCOUNT) == 503  # a new scope set cannot be minted
+    assert endpoint_failing(proxy.runtime.source.health(), proxy.runtime.clock())
+    status, body = await readyz(http, proxy)
+    assert (status, body) == (
+        200,
+        {"ready": True, "degraded": "token_endpoint_unavailable", "cached_scope_sets": 1},
+    )
+    assert await get(http, proxy.proxy_url + DECISION) == 200
+    body = await wait_readyz(http, proxy, 503, "token_endpoint_unavailable")  # the 4 s token ran out
+    assert body["missing"] == []
+
+
 @pytest.mark.parametrize("prefetch", ["none", "all"])
 async def test_draining_as_soon_as_stop_begins_while_in_flight_requests_finish(
     start_proxy: StartProxy, http: aiohttp.ClientSession, emulator: EmulatorServer, prefetch: str

@@ -182,3 +182,20 @@ async def test_run_from_environment_alone(make_emulator) -> None:  # type: ignor
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert "demo-secret" not in err
+
+
+def test_flush_against_an_unreachable_redis_fails_loudly(tmp_path: Path) -> None:
+    """After a leaked secret an operator must never read "dropped" when nothing was dropped."""
+    config = tmp_path / "flush.yaml"
+    port = free_port()  # nothing listens here
+    config.write_text(
+        "auth: {issuer: 'http://127.0.0.1:9', client_id: cc_client_demo, client_secret: s3cr3t-value}\n"
+        f"cache: {{url: 'redis://:hunter2-pass@127.0.0.1:{port}/0'}}\n"
+        "routes: [{methods: [GET], path: /partner/v1/decisions/**, scopes: [decisions:read]}]\n"
+    )
+    result = cli("flush", "-c", str(config))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "flush failed: Redis at redis://:***@127.0.0.1:" in result.stderr
+    assert "dropped" not in result.stdout
+    assert "hunter2-pass" not in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr

@@ -384,6 +384,9 @@ async def test_client_going_away_cancels_the_upstream_request(
             break
         await asyncio.sleep(0.05)
     assert proxy.runtime.metrics.in_flight._value.get() == 0
+    # The abandoned request is still counted (as 499 client_gone), not silently lost.
+    gone = proxy.runtime.metrics.requests.labels("decisions.read", "GET", "499")
+    assert gone._value.get() == 1
 
 
 async def test_body_over_the_limit_is_413(start_proxy: StartProxy, http: aiohttp.ClientSession) -> None:

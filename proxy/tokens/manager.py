@@ -309,6 +309,11 @@ class TokenManager:
         """Another replica (or ``flush``) invalidated a key, or everything."""
         self.memory.drop(key)
 
+    def usable_count(self) -> int:
+        """How many scope sets have a token that can be sent now (readiness without prefetch)."""
+        now = self._clock()
+        return sum(1 for key in self.memory.keys() if (t := self.memory.peek(key)) and self.usable(t, now))
+
     def has_usable(self, scopes: tuple[str, ...], audience: str) -> bool:
         token = self.memory.peek(self.key_for(scopes, audience))
         return token is not None and self.usable(token, self._clock())
