@@ -27,7 +27,7 @@ from yarl import URL
 
 from proxy import errors
 from proxy.headers import downstream_response_headers, upstream_request_headers
-from proxy.logs import REQUEST_ID
+from proxy.logs import REQUEST_ID, write_request_line
 from proxy.metrics import Metrics
 from proxy.paths import SafeTarget, validate_target
 from proxy.routes import RouteTable
@@ -36,7 +36,6 @@ from proxy.settings import RouteSpec, UpstreamSettings
 from proxy.tokens.manager import TokenManager
 from proxy.tokens.model import Token
 
-access_log = logging.getLogger("proxy.access")
 log = logging.getLogger("proxy.forward")
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -362,9 +361,8 @@ class Forwarder:
                 histogram = self._durations[ex.route] = self._metrics.request_duration.labels(ex.route)
             histogram.observe(ex.upstream_s)
         if self._access_log:
-            access_log.info(
-                "request",
-                extra={
+            write_request_line(
+                {
                     "event": "request",
                     "request_id": ex.request_id,
                     "method": ex.method,
@@ -376,7 +374,7 @@ class Forwarder:
                     "retried": ex.retried,
                     "proxy_error": ex.error,
                     "token_digest": ex.token_digest,
-                },
+                }
             )
 
 

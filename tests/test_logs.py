@@ -25,7 +25,15 @@ import pytest
 from proxy.emulator.app import EmulatorServer
 from proxy.emulator.state import IssuedToken, SecretRecord
 from proxy.errors import CredentialsRejected
-from proxy.logs import REQUEST_ID, JsonFormatter, configure_logging, parse_level, redact, scrub
+from proxy.logs import (
+    REQUEST_ID,
+    JsonFormatter,
+    configure_logging,
+    parse_level,
+    redact,
+    scrub,
+    write_request_line,
+)
 from proxy.settings import AuthSettings, Settings
 from proxy.tokens.credentials import CredentialProvider
 from proxy.tokens.model import CacheKey, Credentials, Token
@@ -122,6 +130,62 @@ def test_formatter_redacts_secret_named_fields_at_any_depth_and_scrubs_text() ->
     assert entry["headers"]["X-Ok"] == "1" and entry["headers"]["Authorization"] == "[redacted]"
     assert entry["headers"]["nested"] == [{"client_secret": "[redacted]"}]
     assert "ValueError" in entry["exc"]
+
+
+REQUEST_FIELDS: dict[str, Any] = {
+    "event": "request",
+    "request_id": "req-7",
+    "method": "GET",
+    "route": 'decisions "read"',
+    "status": 200,
+    "upstream_status": 200,
+    "duration_ms": 1.25,
+    "upstream_ms": 0.5,
+    "retried": False,
+    "proxy_error": None,
+    "token_digest": "0123456789abcdef",
+}
+
+
+def test_the_direct_request_line_equals_what_the_formatter_writes(capture_logs: Capture) -> None:
+    stream = capture_logs("info")
+    write_request_line(dict(REQUEST_FIELDS))
+    direct = json.loads(stream.getvalue())
+    rec = logging.LogRecord("proxy.access", logging.INFO, __file__, 1, "request", (), None)
+    rec.__dict__.update(REQUEST_FIELDS)
+    via_record = json.loads(JsonFormatter().format(rec))
+    assert direct.pop("ts").endswith("Z") and via_record.pop("ts")
+    assert list(direct.items()) == list(via_record.items())  # same fields, same order
+
+
+def test_the_direct_request_line_is_scrubbed_and_respects_the_level(capture_logs: Capture) -> None:
+    jwt = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJjY19jbGllbnQifQ.c2lnbmF0dXJlLXNpZ25hdHVyZQ"
+    stream = capture_logs("info")
+    write_request_line({**REQUEST_FIELDS, "request_id": jwt})  # a client may send anything it has
+    assert jwt not in stream.getvalue() and "[redacted]" in stream.getvalue()
+    quiet = capture_logs("warning")
+    write_request_line(dict(REQUEST_FIELDS))
+    assert quiet.getvalue() == ""
+
+
+def test_another_handler_gets_an_ordinary_record(capture_logs: Capture) -> None:
+    """An embedding app's handler (or a test's) is in play: the direct path steps aside."""
+    stream = capture_logs("info")
+    seen: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record)
+
+    extra = Keep()
+    logging.getLogger("proxy.access").addHandler(extra)
+    try:
+        write_request_line(dict(REQUEST_FIELDS))
+    finally:
+        logging.getLogger("proxy.access").removeHandler(extra)
+    (rec,) = seen
+    assert rec.getMessage() == "request" and rec.__dict__["route"] == 'decisions "read"'
+    assert json.loads(stream.getvalue())["route"] == 'decisions "read"'  # and the JSON line as usual
 
 
 def test_scrub_leaves_ordinary_text_alone() -> None:
