@@ -330,8 +330,10 @@ class Forwarder:
             upstream.close()
             self._upstream_broke(request, ex, exc)
             return web.Response(status=upstream.status)  # never written: the connection is gone
-        finally:
-            upstream.release()
+        except BaseException:  # cancelled (the client left): a half-read connection is not reused
+            upstream.close()
+            raise
+        upstream.release()
         # Content-Length comes from the body that was read, which is the length the API declared.
         return web.Response(body=body, status=upstream.status, reason=upstream.reason, headers=headers)
 
