@@ -106,23 +106,18 @@ class JsonFormatter(logging.Formatter):
         self._second = -1
         self._second_text = ""
 
-    def _timestamp(self, record: logging.LogRecord) -> str:
+    def _timestamp(self, created: float) -> str:
         """ISO-8601 UTC with milliseconds; the seconds part is formatted once per second."""
-        second = int(record.created)
+        second = int(created)
         if second != self._second:
             self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
             self._second = second
-        return f"{self._second_text}.{int(record.msecs):03d}Z"
+        return f"{self._second_text}.{int((created - second) * 1000):03d}Z"  # as LogRecord.msecs
 
     def request_line(self, fields: dict[str, Any]) -> str:
         """The line ``format`` would give an INFO ``proxy.access`` "request" record with ``fields``."""
-        now = time.time()
-        second = int(now)
-        if second != self._second:
-            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-            self._second = second
         entry: dict[str, Any] = {
-            "ts": f"{self._second_text}.{int((now - second) * 1000):03d}Z",
+            "ts": self._timestamp(time.time()),
             "level": "info",
             "logger": "proxy.access",
             "msg": "request",
@@ -132,7 +127,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "ts": self._timestamp(record),
+            "ts": self._timestamp(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
