@@ -197,7 +197,10 @@ class ProxyServer:
 
     async def start(self) -> Self:
         await self.runtime.start()
-        server = web.Server(self.runtime.forwarder.handle, handler_cancellation=True)
+        # auto_decompress=False: request bodies are forwarded as sent (SPEC §4: no decompression);
+        # a Content-Encoding: gzip upload must reach the API compressed, and a gzip bomb must not
+        # be inflated by the proxy.
+        server = web.Server(self.runtime.forwarder.handle, handler_cancellation=True, auto_decompress=False)
         self._proxy_runner = web.ServerRunner(server, shutdown_timeout=self.settings.shutdown_grace_s)
         await self._proxy_runner.setup()
         site = await _start_site(self._proxy_runner, self.settings.listen)

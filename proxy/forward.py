@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-from aiohttp import web
+from aiohttp import hdrs, web
+from aiohttp.http import HttpVersion11
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -63,6 +64,7 @@ class Exchange:
     retried: bool = False
     error: str | None = None
     token_digest: str | None = None
+    body_over_limit: bool = False  # the streamed request body passed max_body_bytes mid-upload
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -114,11 +116,16 @@ class Forwarder:
         finally:
             self._in_flight.dec()
             REQUEST_ID.reset(context)
+        if request.version < HttpVersion11 and hdrs.TRANSFER_ENCODING in request.headers:
+            # RFC 9112 §6.1: HTTP/1.0 with Transfer-Encoding has faulty framing; whatever
+            # follows it on this connection must never be parsed as another request.
+            response.force_close()
         self._record(ex)
         return response
 
     async def _proxy(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
         target = validate_target(request.method, request.raw_path)
+        _check_transfer_coding(request)
         route = self._table.match(request.method, target.segments)
         if route is None:
             raise errors.RouteNotAllowed(f"no route allows {request.method} {target.path}")
@@ -128,7 +135,7 @@ class Forwarder:
             request.headers, replace_forwarded=self._settings.forwarded_headers
         )
         self._add_forwarding_headers(request, headers, ex)
-        body, replayable = await self._request_body(request)
+        body, replayable = await self._request_body(request, ex)
         started = self._clock()
         token = await self._tokens.get(route.scopes, route.audience)
         upstream = await self._send(request, target, headers, body, token, ex)
@@ -152,7 +159,9 @@ class Forwarder:
             headers["X-Forwarded-For"] = request.remote or "unknown"
             headers["X-Forwarded-Proto"] = request.scheme
 
-    async def _request_body(self, request: web.Request) -> tuple[bytes | AsyncIterator[bytes] | None, bool]:
+    async def _request_body(
+        self, request: web.Request, ex: Exchange
+    ) -> tuple[bytes | AsyncIterator[bytes] | None, bool]:
         """The body to send, and whether it is kept whole so a 401 retry can resend it.
 
         Bodies up to ``retry_body_limit`` are read into memory; larger ones (or
@@ -169,7 +178,7 @@ class Forwarder:
             if not chunk:
                 return bytes(head), True
             head += chunk
-        return self._stream_rest(request, bytes(head)), False
+        return self._stream_rest(request, bytes(head), ex), False
 
     async def _read_all(self, request: web.Request) -> bytes:
         try:
@@ -177,13 +186,20 @@ class Forwarder:
         except (aiohttp.ClientConnectionError, ConnectionResetError) as exc:
             raise ClientGone() from exc
 
-    async def _stream_rest(self, request: web.Request, head: bytes) -> AsyncIterator[bytes]:
+    async def _stream_rest(self, request: web.Request, head: bytes, ex: Exchange) -> AsyncIterator[bytes]:
+        """The body after its first ``retry_body_limit`` bytes, chunk by chunk, within ``max_body_bytes``.
+
+        Passing the limit is noted on ``ex`` before raising: aiohttp's client
+        wraps whatever the body iterator raises in a connection error, and
+        ``_send`` turns that note back into ``413 body_too_large``.
+        """
         limit = self._settings.max_body_bytes
         sent = len(head)
         yield head
         while chunk := await request.content.readany():
             sent += len(chunk)
             if limit is not None and sent > limit:
+                ex.body_over_limit = True
                 raise errors.BodyTooLarge(f"request body over the {limit}-byte limit")
             yield chunk
 
@@ -210,16 +226,25 @@ class Forwarder:
             )
         except errors.ProxyError:
             raise
-        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            raise errors.UpstreamTimeout("the Credicorp API did not answer in time") from exc
-        except aiohttp.ClientPayloadError as exc:
-            raise ClientGone() from exc
-        except (aiohttp.ClientError, OSError) as exc:
-            raise errors.UpstreamUnreachable(
-                f"cannot reach the Credicorp API ({type(exc).__name__})"
-            ) from exc
+        except Exception as exc:
+            mapped = self._upstream_error(exc, ex)
+            if mapped is exc:
+                raise
+            raise mapped from exc
         finally:
             ex.upstream_s += time.perf_counter() - started
+
+    def _upstream_error(self, exc: Exception, ex: Exchange) -> Exception:
+        """What a failed upstream call means to the client; anything unexpected is returned as is."""
+        if ex.body_over_limit:  # aiohttp wrapped the BodyTooLarge that our body iterator raised
+            return errors.BodyTooLarge(f"request body over the {self._settings.max_body_bytes}-byte limit")
+        if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+            return errors.UpstreamTimeout("the Credicorp API did not answer in time")
+        if isinstance(exc, aiohttp.ClientPayloadError):  # reading the client's body failed
+            return ClientGone()
+        if isinstance(exc, aiohttp.ClientError | OSError):
+            return errors.UpstreamUnreachable(f"cannot reach the Credicorp API ({type(exc).__name__})")
+        return exc
 
     async def _retry_401(
         self,
@@ -424,6 +449,20 @@ def _invalid_token(upstream: aiohttp.ClientResponse) -> bool:
     """A 401 that a new token could fix: ``invalid_token``, or a bare Bearer challenge."""
     match = _WWW_AUTH_ERROR.search(upstream.headers.get("WWW-Authenticate", ""))
     return match is None or match.group(1) == "invalid_token"
+
+
+def _check_transfer_coding(request: web.Request) -> None:
+    """Only ``chunked`` framing is understood; any other transfer coding is refused, not dropped.
+
+    aiohttp's parser de-chunks ``gzip, chunked`` and would silently lose the gzip
+    coding, handing the API bytes it cannot know are compressed (RFC 9112 §6.1).
+    """
+    values = request.headers.getall(hdrs.TRANSFER_ENCODING, ())
+    if not values:
+        return
+    codings = [c.strip().lower() for value in values for c in value.split(",")]
+    if codings != ["chunked"]:
+        raise errors.BadRequest("Transfer-Encoding other than a single 'chunked' is not supported")
 
 
 def _reset(request: web.Request) -> None:

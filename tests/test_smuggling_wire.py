@@ -31,7 +31,7 @@ Parser differences found (aiohttp 3.14.5), all of them safe here:
 case                        C parser (llhttp)               pure-Python parser
 ==========================  ==============================  ===============================
 cl-overflow                 400                             accepted, waits for the body
-te-chunked-chunked          400                             accepted, dechunked once
+te-chunked-chunked          400                             accepted; the proxy answers 400
 chunk-overflow(-2^64)       400                             accepted, waits for the chunk
 chunk-ext-control-char      400                             accepted, extension ignored
 chunk-trailer-cl            400 (trailer CL = conflict)     accepted, trailer ignored
@@ -44,21 +44,18 @@ decodes a ``Content-Encoding: gzip`` request body by default, so the stock
 emulator would hash the *decoded* bytes and could not tell a byte-exact
 forward from a decoded one.
 
-Known proxy bugs, pinned by ``xfail(strict=True)`` tests at the end:
+Three proxy bugs these tests found, now fixed and pinned by the tests at the end:
+gzip request bodies were inflated by the listener (aiohttp's default
+``auto_decompress=True``); an HTTP/1.0 request with ``Transfer-Encoding`` and
+``Connection: keep-alive`` kept the connection open, so the bytes after it
+became a new request (RFC 9112 §6.1: it MUST be closed); and a streamed body
+passing ``max_body_bytes`` mid-stream got 502 instead of 413. A fourth,
+``Transfer-Encoding: gzip, chunked`` being de-chunked with the gzip coding
+silently dropped, is now refused by the proxy (400 ``bad_request``).
 
-* gzip request bodies are decoded by the proxy's listener (``web.Server`` is
-  built with aiohttp's default ``auto_decompress=True``) and forwarded inflated
-  with the client's ``Content-Encoding: gzip`` still on them;
-* an HTTP/1.0 request with ``Transfer-Encoding`` and ``Connection: keep-alive``
-  keeps the connection open, so bytes after it are parsed and forwarded as a
-  new request (RFC 9112 §6.1: such a connection MUST be closed);
-* a streamed body that passes ``max_body_bytes`` mid-stream is answered
-  502 ``upstream_unreachable`` instead of 413 ``body_too_large``.
-
-Recorded but safe (see the comments in CASES): ``Transfer-Encoding: gzip,
-chunked`` is dechunked and the gzip coding silently dropped (no 501);
-``Transfer_Encoding`` lookalikes are forwarded as ordinary headers; a head of
-~800 KB in 100 headers of 8 KB is accepted and forwarded.
+Recorded but safe (see the comments in CASES): ``Transfer_Encoding``
+lookalikes are forwarded as ordinary headers; a head of ~800 KB in 100
+headers of 8 KB is accepted and forwarded.
 """
 
 from __future__ import annotations
@@ -298,8 +295,9 @@ CASES: list[Case] = [
     Case("te-chunked-twice-in-two-headers", post(TE + TE + CLOSE, CHUNKED_HIDING), REFUSED),
     Case(
         "te-chunked-chunked",
+        # the pure-Python parser accepts it (de-chunked once); the proxy's own check refuses it
         post(b"Transfer-Encoding: chunked, chunked\r\n" + CLOSE, CHUNKED_HIDING),
-        {"c": REFUSED, "python": forwards(upload(HIDDEN_REQUEST))},
+        REFUSED,
     ),
     # OWS (space, tab) around the value and case are allowed: plain chunked, honestly framed.
     Case(
@@ -322,13 +320,13 @@ CASES: list[Case] = [
         post(b"Transfer-Encoding: CHUNKED\r\n" + CLOSE, CHUNKED_HIDING),
         forwards(upload(HIDDEN_REQUEST)),
     ),
-    # "gzip, chunked" is dechunked; the gzip transfer-coding is neither decoded nor refused (501).
+    # "gzip, chunked": aiohttp de-chunks it and would drop the gzip coding; the proxy refuses it.
     Case(
         "te-gzip-chunked",
         post(b"Transfer-Encoding: gzip, chunked\r\n" + CLOSE, CHUNKED_HIDING),
-        forwards(upload(HIDDEN_REQUEST)),
+        REFUSED,
     ),
-    # HTTP/1.0 with TE and no keep-alive: dechunked, then the connection closes (see the xfail below).
+    # HTTP/1.0 with TE and no keep-alive: dechunked, then the connection closes (see the test below).
     Case("te-http10", post(TE, CHUNKED_HIDING, b"HTTP/1.0"), forwards(upload(HIDDEN_REQUEST))),
     # Lookalike names are ordinary headers to both parsers: framing stays Content-Length's.
     Case(
@@ -673,14 +671,6 @@ async def test_gzip_bomb_response_passes_through_undecoded(
     assert int(seen.headers[0].get("content-length", len(want))) == len(want)
 
 
-GZIP_DECODED = (
-    "proxy bug: the listener's web.Server keeps aiohttp's default auto_decompress=True, so a "
-    "Content-Encoding: gzip request body is inflated before it is forwarded, with the client's "
-    "Content-Encoding still on it (SPEC §4: bodies pass byte for byte, no decompression)"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=GZIP_DECODED)
 async def test_gzip_bomb_upload_reaches_the_api_byte_exact_and_undecoded(
     start_proxy: StartProxy, http: aiohttp.ClientSession, emulator: EmulatorServer
 ) -> None:
@@ -704,7 +694,6 @@ async def test_gzip_bomb_upload_reaches_the_api_byte_exact_and_undecoded(
     check_forwarded_entry(entry, emulator)
 
 
-@pytest.mark.xfail(strict=True, reason=GZIP_DECODED)
 @pytest.mark.parametrize("framing", ["content-length", "chunked"])
 async def test_small_gzip_upload_reaches_the_api_byte_exact(
     proxy: ProxyServer, http: aiohttp.ClientSession, emulator: EmulatorServer, framing: str
@@ -722,12 +711,6 @@ async def test_small_gzip_upload_reaches_the_api_byte_exact(
     assert entry["body_sha256"] == hashlib.sha256(body).hexdigest() and entry["body_size"] == len(body)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="proxy bug: a streamed body (chunked, or declared over retry_body_limit) that passes "
-    "max_body_bytes mid-stream raises BodyTooLarge inside the upload generator; aiohttp's client wraps "
-    "it as ClientConnectionError and the client gets 502 upstream_unreachable, not 413 body_too_large",
-)
 async def test_streamed_body_over_the_limit_is_413(
     start_proxy: StartProxy, http: aiohttp.ClientSession, emulator: EmulatorServer
 ) -> None:
@@ -743,13 +726,6 @@ async def test_streamed_body_over_the_limit_is_413(
 TE_HTTP10_KEEPALIVE = post(b"Connection: keep-alive\r\n" + TE, chunked(b"abc"), b"HTTP/1.0") + HIDDEN_REQUEST
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="proxy bug (aiohttp behaviour under both parsers, not corrected by the proxy): an HTTP/1.0 "
-    "request with Transfer-Encoding and Connection: keep-alive keeps the connection open, and the bytes "
-    "after it are forwarded as a new request with a token; RFC 9112 §6.1 says the framing is faulty and "
-    "the connection MUST be closed after the message",
-)
 async def test_http10_transfer_encoding_closes_the_connection_after_the_message(
     proxy: ProxyServer, http: aiohttp.ClientSession, emulator: EmulatorServer
 ) -> None:
