@@ -17,27 +17,21 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
-from aiohttp import http_parser, web
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from proxy.errors import BadRequest
 from proxy.paths import validate_request
+from tests.parsers import check_expected_parser, parser_kind, rerun_under_pure_python
 
 INNER_ENV = "CTP_WIRE_PARSER"  # set by the outer run: which parser the inner run must be using
-ROOT = Path(__file__).resolve().parent.parent
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def parser_kind() -> str:
-    """'c' for aiohttp's llhttp-based extension, 'python' for the pure-Python parser."""
-    return "c" if http_parser.HttpRequestParser.__module__ == "aiohttp._http_parser" else "python"
 
 
 @dataclass
@@ -227,22 +221,9 @@ async def test_unsafe_targets_get_400_and_never_reach_the_handler(
 
 def test_the_expected_parser_is_in_use() -> None:
     """Guards the cross-parser run: a silent fallback would test one parser twice."""
-    expected = os.environ.get(INNER_ENV) or ("python" if os.environ.get("AIOHTTP_NO_EXTENSIONS") else "c")
-    if expected == "c" and parser_kind() != "c":
-        pytest.skip("aiohttp's C extension is not available on this platform")
-    assert parser_kind() == expected
+    check_expected_parser(INNER_ENV)
 
 
 @pytest.mark.skipif(INNER_ENV in os.environ, reason="this is the inner run")
 def test_wire_cases_also_pass_under_the_pure_python_parser() -> None:
-    this = Path(__file__).resolve()
-    env = {**os.environ, "AIOHTTP_NO_EXTENSIONS": "1", INNER_ENV: "python"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", str(this), "-q", "-p", "no:cacheprovider",
-         "-k", "not also_pass_under_the_pure_python_parser"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
-    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert "passed" in summary and "skipped" not in summary and "failed" not in summary, summary
+    rerun_under_pure_python(__file__, INNER_ENV)

@@ -66,25 +66,21 @@ import gzip
 import hashlib
 import json
 import os
-import re
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import http_parser, web
+from aiohttp import web
 
 from proxy.app import ProxyServer
 from proxy.emulator.app import EmulatorServer
 from proxy.emulator.streams import statement_gzip_bytes
+from tests.parsers import check_expected_parser, parser_kind, rerun_under_pure_python
 from tests.proxy_fixtures import TEST_ROUTES, StartProxy, emulator_requests, emulator_stats
 
 INNER_ENV = "CTP_SMUGGLING_PARSER"  # set by the outer run: which parser the inner run must be using
-ROOT = Path(__file__).resolve().parent.parent
 
 DOC = "/partner/v1/applications/app_demo_001/documents"  # applications.write, body streamed and hashed
 DECISION = "/partner/v1/decisions/dec_demo_001"  # decisions.read
@@ -103,9 +99,6 @@ SETTLE_S = 0.4  # how long an "open" case waits for anything more before it is j
 READ_S = 5.0  # the most any case may take to answer and close; a hang fails instead of hanging
 
 
-def parser_kind() -> str:
-    """'c' for aiohttp's llhttp-based extension, 'python' for the pure-Python parser."""
-    return "c" if http_parser.HttpRequestParser.__module__ == "aiohttp._http_parser" else "python"
 
 
 # --------------------------------------------------------------------------- payload building
@@ -741,25 +734,9 @@ async def test_http10_transfer_encoding_closes_the_connection_after_the_message(
 
 def test_the_expected_parser_is_in_use() -> None:
     """Guards the cross-parser run: a silent fallback would test one parser twice."""
-    expected = os.environ.get(INNER_ENV) or ("python" if os.environ.get("AIOHTTP_NO_EXTENSIONS") else "c")
-    if expected == "c" and parser_kind() != "c":
-        pytest.skip("aiohttp's C extension is not available on this platform")
-    assert parser_kind() == expected
+    check_expected_parser(INNER_ENV)
 
 
 @pytest.mark.skipif(INNER_ENV in os.environ, reason="this is the inner run")
 def test_wire_cases_also_pass_under_the_pure_python_parser() -> None:
-    this = Path(__file__).resolve()
-    env = {**os.environ, "AIOHTTP_NO_EXTENSIONS": "1", INNER_ENV: "python"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", str(this), "-q", "-p", "no:cacheprovider",
-         "-k", "not also_pass_under_the_pure_python_parser"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
-    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    counts = {word: int(n) for n, word in re.findall(r"(\d+) (\w+)", summary)}
-    assert counts.get("passed", 0) > 0, summary
-    unexpected = {w: n for w, n in counts.items() if w not in ("passed", "xfailed", "deselected")}
-    assert not unexpected, summary
+    rerun_under_pure_python(__file__, INNER_ENV, allowed=("passed", "xfailed"))
