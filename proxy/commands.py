@@ -12,7 +12,6 @@ import os
 import re
 import signal
 import sys
-import urllib.parse
 from collections.abc import Coroutine
 from importlib import resources
 from typing import Any
@@ -21,7 +20,7 @@ import yaml
 
 from proxy.app import ProxyServer, open_shared_cache
 from proxy.config import load_config, parse_config
-from proxy.inspect_config import render_check, render_explain
+from proxy.inspect_config import mask_password, render_check, render_explain
 from proxy.logs import configure_logging
 from proxy.metrics import Metrics
 from proxy.settings import Settings
@@ -174,7 +173,7 @@ async def _flush(settings: Settings) -> int:
     assert cache is not None
     try:
         if not await cache.ping():
-            where = _redacted_url(settings.cache.url)
+            where = mask_password(settings.cache.url)
             print(f"flush failed: Redis at {where} is unreachable", file=sys.stderr)
             return 2
         dropped = await cache.purge_all(settings.auth.client_id)
@@ -197,15 +196,6 @@ async def _flush(settings: Settings) -> int:
         "every replica was told to drop its memory copies"
     )
     return 0
-
-
-def _redacted_url(url: str) -> str:
-    """A cache URL fit to print: any password in it replaced."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 # ------------------------------------------------------------------- demo

@@ -151,7 +151,10 @@ class Forwarder:
     def _check_declared_length(self, request: web.Request) -> None:
         limit = self._settings.max_body_bytes
         if limit is not None and (request.content_length or 0) > limit:
-            raise errors.BodyTooLarge(f"request body over the {limit}-byte limit")
+            raise self._too_large()
+
+    def _too_large(self) -> errors.BodyTooLarge:
+        return errors.BodyTooLarge(f"request body over the {self._settings.max_body_bytes}-byte limit")
 
     def _add_forwarding_headers(self, request: web.Request, headers: CIMultiDict[str], ex: Exchange) -> None:
         headers["X-Request-Id"] = ex.request_id
@@ -200,7 +203,7 @@ class Forwarder:
             sent += len(chunk)
             if limit is not None and sent > limit:
                 ex.body_over_limit = True
-                raise errors.BodyTooLarge(f"request body over the {limit}-byte limit")
+                raise self._too_large()
             yield chunk
 
     async def _send(
@@ -237,7 +240,7 @@ class Forwarder:
     def _upstream_error(self, exc: Exception, ex: Exchange) -> Exception:
         """What a failed upstream call means to the client; anything unexpected is returned as is."""
         if ex.body_over_limit:  # aiohttp wrapped the BodyTooLarge that our body iterator raised
-            return errors.BodyTooLarge(f"request body over the {self._settings.max_body_bytes}-byte limit")
+            return self._too_large()
         if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
             return errors.UpstreamTimeout("the Credicorp API did not answer in time")
         if isinstance(exc, aiohttp.ClientPayloadError):  # reading the client's body failed

@@ -72,7 +72,7 @@ def _summary(settings: Settings) -> str:
         ("issuer", auth.issuer + (f" (token endpoint {auth.token_endpoint})" if auth.token_endpoint else "")),
         ("client", f"{auth.client_id} ({auth.method}, secret {secret})"),
         ("listen", f"{_listen(settings.listen)}  admin {_listen(settings.admin_listen)}"),
-        ("cache", _mask_password(settings.cache.url)),
+        ("cache", mask_password(settings.cache.url)),
     ]
     return "Config OK\n" + "\n".join(f"  {k + ':':<10}{v}" for k, v in rows)
 
@@ -131,8 +131,8 @@ def _listen(address: ListenAddress) -> str:
     return f"{host}:{address.port}"
 
 
-def _mask_password(url: str) -> str:
-    """``redis://user:secret@host`` -> ``redis://user:***@host``: check-config output is often pasted."""
+def mask_password(url: str) -> str:
+    """``redis://user:secret@host`` -> ``redis://user:***@host``: check-config and flush output get pasted."""
     netloc = urlsplit(url).netloc
     userinfo, at, _ = netloc.rpartition("@")
     if not at or ":" not in userinfo:

@@ -311,12 +311,10 @@ class TokenManager:
 
     def usable_count(self) -> int:
         """How many scope sets have a token that can be sent now (readiness without prefetch)."""
-        now = self._clock()
-        return sum(1 for key in self.memory.keys() if (t := self.memory.peek(key)) and self.usable(t, now))
+        return sum(1 for key in self.memory.keys() if self._usable_memory(key, None) is not None)
 
     def has_usable(self, scopes: tuple[str, ...], audience: str) -> bool:
-        token = self.memory.peek(self.key_for(scopes, audience))
-        return token is not None and self.usable(token, self._clock())
+        return self._usable_memory(self.key_for(scopes, audience), None) is not None
 
     async def close(self) -> None:
         for flight in list(self._flights.values()):
