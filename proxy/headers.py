@@ -5,6 +5,13 @@ client sends (``Connection: Authorization``, a second ``Authorization``, a
 ``Proxy-Authorization``) can remove, replace or duplicate the proxy's own
 credential. Framing headers are never copied: the proxy's HTTP client frames
 the body it actually sends, which closes the door on request smuggling.
+
+Names spelled with ``_`` for ``-`` are compared as the dashed name: CGI-style
+servers (WSGI, PHP, many gateways) map both to the same variable
+(``Proxy_Authorization`` and ``Proxy-Authorization`` are both
+``HTTP_PROXY_AUTHORIZATION``), so a lookalike of a header the proxy drops or
+sets itself would reach the API as that header. nginx drops every underscored
+name by default; the proxy drops only the lookalikes and keeps the rest.
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ HOP_BY_HOP: Final = frozenset(
 #: and the client's Host (the upstream Host comes from the configured origin).
 REQUEST_DROP: Final = HOP_BY_HOP | {"authorization", "host", "content-length", "expect"}
 FORWARDED: Final = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded"})
+#: Headers the proxy writes itself; a client's underscore lookalike of one is dropped.
+PROXY_SET: Final = frozenset({"x-request-id"}) | FORWARDED
 #: Framing of the response is re-done by our server; everything else passes through as sent.
 RESPONSE_DROP: Final = HOP_BY_HOP | {"content-length"}
 
@@ -39,7 +48,7 @@ RESPONSE_DROP: Final = HOP_BY_HOP | {"content-length"}
 def _connection_listed(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
     listed: set[str] = set()
     for value in headers.getall("Connection", ()):
-        listed.update(name.strip().lower() for name in value.split(",") if name.strip())
+        listed.update(name.strip().lower().replace("_", "-") for name in value.split(",") if name.strip())
     return listed
 
 
@@ -53,6 +62,10 @@ def upstream_request_headers(
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
         lowered = name.lower()
+        if "_" in lowered:
+            lowered = lowered.replace("_", "-")
+            if lowered in PROXY_SET:
+                continue
         if lowered not in drop and not lowered.startswith("proxy-"):
             out.add(name, value)
     return out

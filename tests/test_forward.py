@@ -127,6 +127,50 @@ async def test_client_authorization_is_replaced_and_connection_cannot_strip_ours
     assert not names & {"x-drop-me", "keep-alive", "proxy-authorization", "connection"}
 
 
+async def test_forwarded_headers_are_added_only_when_configured(
+    start_proxy: StartProxy, http: aiohttp.ClientSession, emulator: EmulatorServer
+) -> None:
+    spoofed = {"X-Forwarded-For": "203.0.113.9", "X_Forwarded_For": "203.0.113.10", "Forwarded": "for=x"}
+    plain = await start_proxy()
+    async with http.get(plain.proxy_url + DECISION, headers=spoofed) as resp:
+        assert resp.status == 200
+    seen = (await emulator_requests(http, emulator))[-1]["headers"]
+    assert seen["x-forwarded-for"] == ["203.0.113.9"]  # off: the client's own header passes untouched
+    assert "x-forwarded-proto" not in seen
+
+    adding = await start_proxy({"upstream": {"forwarded_headers": True}})
+    async with http.get(adding.proxy_url + DECISION, headers=spoofed) as resp:
+        assert resp.status == 200
+    seen = (await emulator_requests(http, emulator))[-1]["headers"]
+    assert seen["x-forwarded-for"] == ["127.0.0.1"] and seen["x-forwarded-proto"] == ["http"]
+    assert not {"forwarded", "x_forwarded_for"} & set(seen)  # replaced, lookalike included
+
+
+async def test_underscore_lookalikes_of_dropped_or_proxy_set_headers_never_reach_the_api(
+    start_proxy: StartProxy, http: aiohttp.ClientSession, emulator: EmulatorServer
+) -> None:
+    """CGI-style servers read ``Proxy_Authorization`` as ``Proxy-Authorization``; other
+    underscored names are ordinary end-to-end headers and pass."""
+    proxy = await start_proxy()
+    headers = {
+        "Proxy_Authorization": "Basic Zm9vOmJhcg==",
+        "Keep_Alive": "timeout=5",
+        "X_Request_Id": "forged",
+        "Connection": "X_Drop_Me",
+        "X-Drop-Me": "1",
+        "X_Tenant_Id": "t-1",
+    }
+    async with http.get(proxy.proxy_url + DECISION, headers=headers) as resp:
+        assert resp.status == 200
+        request_id = resp.headers["X-Request-Id"]
+    seen = (await emulator_requests(http, emulator))[-1]
+    assert seen["auth"]["count"] == 1 and seen["auth"]["valid"] is True
+    names = set(seen["headers"])
+    assert "x_tenant_id" in names
+    assert not names & {"proxy_authorization", "keep_alive", "x_request_id", "x-drop-me"}
+    assert seen["headers"]["x-request-id"] == [request_id]
+
+
 async def test_query_is_forwarded_raw_and_never_used_for_matching(
     start_proxy: StartProxy, http: aiohttp.ClientSession, emulator: EmulatorServer
 ) -> None:

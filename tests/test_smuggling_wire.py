@@ -53,9 +53,11 @@ passing ``max_body_bytes`` mid-stream got 502 instead of 413. A fourth,
 ``Transfer-Encoding: gzip, chunked`` being de-chunked with the gzip coding
 silently dropped, is now refused by the proxy (400 ``bad_request``).
 
-Recorded but safe (see the comments in CASES): ``Transfer_Encoding``
-lookalikes are forwarded as ordinary headers; a head of ~800 KB in 100
-headers of 8 KB is accepted and forwarded.
+Recorded but safe (see the comments in CASES): a head of ~800 KB in 100
+headers of 8 KB is accepted and forwarded. Underscore lookalikes
+(``Transfer_Encoding``, ``Content_Length``, ``Proxy_Authorization``) frame
+nothing for either parser and are dropped, so a CGI-style API server cannot
+read them as the real header.
 """
 
 from __future__ import annotations
@@ -94,6 +96,8 @@ SCOPE_OF = {DOC: "applications:write", DECISION: "decisions:read", ACCOUNT: "acc
 CLIENT_ONLY = frozenset(
     {"te", "trailer", "upgrade", "connection", "keep-alive", "expect", "http2-settings", "x-in-trailer"}
 )
+#: Names an underscore lookalike of which must never reach the API (CGI maps ``_`` and ``-`` alike).
+LOOKALIKE_OF = CLIENT_ONLY | {"transfer-encoding", "content-length", "authorization", "proxy-authorization"}
 REFUSAL_STATUSES = frozenset({400, 413, 431})
 SETTLE_S = 0.4  # how long an "open" case waits for anything more before it is judged
 READ_S = 5.0  # the most any case may take to answer and close; a hang fails instead of hanging
@@ -321,10 +325,21 @@ CASES: list[Case] = [
     ),
     # HTTP/1.0 with TE and no keep-alive: dechunked, then the connection closes (see the test below).
     Case("te-http10", post(TE, CHUNKED_HIDING, b"HTTP/1.0"), forwards(upload(HIDDEN_REQUEST))),
-    # Lookalike names are ordinary headers to both parsers: framing stays Content-Length's.
+    # Lookalike names are ordinary headers to both parsers: framing stays Content-Length's,
+    # and the proxy drops them (check_forwarded_entry asserts none reaches the API).
     Case(
         "te-underscore-lookalike",
         post(b"Transfer_Encoding: chunked\r\n" + cl(3) + CLOSE, b"abc"),
+        forwards(ABC),
+    ),
+    Case(
+        "cl-underscore-lookalike",
+        post(b"Content_Length: 99\r\n" + cl(3) + CLOSE, b"abc"),
+        forwards(ABC),
+    ),
+    Case(
+        "proxy-auth-underscore-lookalike",
+        post(b"Proxy_Authorization: Bearer forged\r\n" + cl(3) + CLOSE, b"abc"),
         forwards(ABC),
     ),
     # ---- bad chunk sizes and chunk framing
@@ -522,6 +537,7 @@ def check_forwarded_entry(entry: dict[str, Any], emulator: EmulatorServer) -> No
     """One request as the API got it: proxy framing only, one valid token for its own route."""
     headers = entry["headers"]
     assert not CLIENT_ONLY & set(headers), headers
+    assert not {n for n in headers if "_" in n and n.replace("_", "-") in LOOKALIKE_OF}, headers
     assert headers.get("host") == [f"{emulator.host}:{emulator.port}"], headers.get("host")
     if "transfer-encoding" in headers:
         assert headers["transfer-encoding"] == ["chunked"] and "content-length" not in headers, headers
