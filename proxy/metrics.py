@@ -81,8 +81,8 @@ class Metrics:
         )
         self.token_ttl = Gauge(
             "ccp_token_ttl_seconds",
-            "Seconds left on the cached token, by scope set.",
-            ["scopes"],
+            "Seconds left on the cached token, by scope set and audience.",
+            ["scopes", "audience"],
             registry=r,
         )
         self.token_age_at_use = Histogram(

@@ -786,6 +786,7 @@ def test_promtool_accepts_the_rules() -> None:
 def _promtool_tests() -> list[dict[str, Any]]:
     """Series in, alerts out: each alert fires on the failure it names and stays quiet otherwise."""
     pod = 'namespace="shop", pod="app-1"'
+    aud, internal = 'audience="partner/v1"', 'audience="internal/v1"'
     on_pod = {"namespace": "shop", "pod": "app-1"}
     scope = 'route="decisions-read", scope="x:read"'
     scope_labels = {"route": "decisions-read", "scope": "x:read"}
@@ -811,8 +812,10 @@ def _promtool_tests() -> list[dict[str, Any]]:
             "interval": "1m",
             "input_series": [
                 {"series": f"ccp_credentials_rejected{{{pod}}}", "values": "0 0 1x10"},
-                {"series": f'ccp_token_ttl_seconds{{{pod}, scopes="decisions:read"}}', "values": "600-60x10"},
-                {"series": f'ccp_token_ttl_seconds{{{pod}, scopes="accounts:read"}}', "values": "3000x10"},
+                series(f'ccp_token_ttl_seconds{{{pod}, {aud}, scopes="decisions:read"}}', "600-60x10"),
+                series(f'ccp_token_ttl_seconds{{{pod}, {aud}, scopes="accounts:read"}}', "3000x10"),
+                # the same scopes for another audience: a separate token, which fires on its own
+                series(f'ccp_token_ttl_seconds{{{pod}, {internal}, scopes="decisions:read"}}', "3000x10"),
                 {"series": f"ccp_ready{{{pod}}}", "values": "1 0x10"},
                 {"series": f'ccp_redis_errors_total{{{pod}, op="get"}}', "values": "0+5x20"},
                 {"series": f"ccp_insufficient_scope_total{{{pod}, {scope}}}", "values": "0 1x10"},
@@ -830,7 +833,14 @@ def _promtool_tests() -> list[dict[str, Any]]:
                     "eval_time": "10m",
                     "alertname": "CredicorpProxyTokenNearExpiry",
                     "exp_alerts": [
-                        {"exp_labels": {"severity": "critical", **on_pod, "scopes": "decisions:read"}}
+                        {
+                            "exp_labels": {
+                                "severity": "critical",
+                                **on_pod,
+                                "scopes": "decisions:read",
+                                "audience": "partner/v1",
+                            }
+                        }
                     ],
                 },
                 {
@@ -864,7 +874,7 @@ def _promtool_tests() -> list[dict[str, Any]]:
                 mints("rate_limited", "0+1x20"),
                 endpoint_errors("http_429", "0+1x20"),
                 mints("ok", "0+2x20"),
-                {"series": f'ccp_token_ttl_seconds{{{pod}, scopes="a"}}', "values": "3000x20"},
+                {"series": f'ccp_token_ttl_seconds{{{pod}, {aud}, scopes="a"}}', "values": "3000x20"},
             ],
             "alert_rule_test": [
                 *quiet("CredicorpProxyTokenEndpointFailing", "16m"),

@@ -39,13 +39,17 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 def make_manager(
-    emulator: EmulatorServer, session: aiohttp.ClientSession, clock: FakeClock, **refresh: float
+    emulator: EmulatorServer,
+    session: aiohttp.ClientSession,
+    clock: FakeClock,
+    metrics: Metrics | None = None,
+    **refresh: float,
 ) -> TokenManager:
     auth = AuthSettings(
         issuer=emulator.url, client_id="cc_client_demo", client_secret="demo-secret", verify=False
     )
     creds = CredentialProvider(auth.client_id, secret=auth.client_secret)
-    metrics = Metrics()
+    metrics = metrics or Metrics()
     source = TokenSource(auth, creds, session, clock=clock, metrics=metrics)
     policy = replace(RefreshSettings(jitter_s=0.0), **refresh)
     return TokenManager(source, creds, refresh=policy, clock=clock, metrics=metrics)
@@ -251,3 +255,24 @@ async def test_keys_of_a_rotated_out_secret_are_not_refreshed(
     assert creds.reload()
     clock.now += 3300  # the old-secret key is stale but will never be asked for again
     assert await manager.refresh_due() == 0
+
+
+async def test_ttl_gauge_has_one_series_per_scope_set_and_audience(
+    emulator: EmulatorServer, session: aiohttp.ClientSession
+) -> None:
+    """Same scopes, two audiences: two tokens, so two series; one would let the fresher
+    token hide the other running out (the near-expiry alert reads this gauge)."""
+    clock = FakeClock()
+    metrics = Metrics()
+    manager = make_manager(emulator, session, clock, metrics)
+    await manager.get(DECISIONS, AUD)
+    clock.now += 600
+    await manager.get(DECISIONS, "internal/v1")
+    assert await manager.refresh_due() == 0  # neither is due yet; the tick re-reads both TTLs
+    gauge = metrics.registry.get_sample_value
+    left = {
+        aud: gauge("ccp_token_ttl_seconds", {"scopes": "decisions:read", "audience": aud})
+        for aud in (AUD, "internal/v1")
+    }
+    assert left["internal/v1"] is not None and left[AUD] is not None
+    assert left["internal/v1"] - left[AUD] == pytest.approx(600, abs=2)

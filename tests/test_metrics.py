@@ -135,9 +135,9 @@ async def test_mints_mint_duration_cache_lookups_ttl_and_age(
     assert m.value("ccp_token_mint_duration_seconds_count") == 1
     assert m.value("ccp_token_cache_lookups_total", tier="memory", result="miss") == 1
     assert m.value("ccp_token_cache_lookups_total", tier="memory", result="hit") == 2
-    assert 3000 < m.value("ccp_token_ttl_seconds", scopes="decisions:read") <= 3600
+    assert 3000 < m.value("ccp_token_ttl_seconds", scopes="decisions:read", audience="partner/v1") <= 3600
     assert m.value("ccp_token_age_at_use_seconds_count") == 2
-    assert m.series("ccp_token_ttl_seconds") == [{"scopes": "decisions:read"}]
+    assert m.series("ccp_token_ttl_seconds") == [{"scopes": "decisions:read", "audience": "partner/v1"}]
 
 
 async def test_failed_mints_are_counted_by_result_and_oauth_error(
@@ -185,7 +185,7 @@ async def test_background_refresh_is_counted_and_resets_the_ttl(
     await eventually(refreshed, within=15)  # due at half of the 4 s lifetime, refresher ticks each second
     m = await scrape(http, proxy)
     assert m.value("ccp_token_mints_total", scopes="decisions:read", result="ok") >= 2
-    assert 0 < m.value("ccp_token_ttl_seconds", scopes="decisions:read") <= 4
+    assert 0 < m.value("ccp_token_ttl_seconds", scopes="decisions:read", audience="partner/v1") <= 4
 
 
 # ------------------------------------------------------------ 401 / 403

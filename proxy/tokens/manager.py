@@ -231,7 +231,7 @@ class TokenManager:
 
     async def _store_memory(self, key: CacheKey, token: Token) -> None:
         await self.memory.put(key, token)
-        self._metrics.token_ttl.labels(key.scope_label).set(token.expires_at - self._clock())
+        self._metrics.token_ttl.labels(key.scope_label, key.audience).set(token.expires_at - self._clock())
 
     # -------------------------------------------------------------- refresher
     async def refresh_due(self) -> int:
@@ -254,17 +254,23 @@ class TokenManager:
                 continue
             token = self.memory.peek(key)
             if token is not None:
-                self._metrics.token_ttl.labels(key.scope_label).set(max(0.0, token.expires_at - now))
+                left = max(0.0, token.expires_at - now)
+                self._metrics.token_ttl.labels(key.scope_label, key.audience).set(left)
             if key not in self._flights and (token is None or now >= self.refresh_at(token)):
                 self._start_flight(key, None).add_done_callback(functools.partial(self._count_refresh, key))
                 started += 1
         return started
 
     def _forget_ttl(self, key: CacheKey) -> None:
-        """An idle scope set is no longer kept warm: stop exporting a TTL that would go stale."""
-        if not any(k.scope_label == key.scope_label for k in self._last_used):
+        """An idle scope set is no longer kept warm: stop exporting a TTL that would go stale.
+
+        The series is per (scope set, audience): the same scopes for two audiences are two
+        tokens, and one series for both would let a fresh one hide the other running out.
+        """
+        labels = (key.scope_label, key.audience)
+        if not any((k.scope_label, k.audience) == labels for k in self._last_used):
             with contextlib.suppress(KeyError):
-                self._metrics.token_ttl.remove(key.scope_label)
+                self._metrics.token_ttl.remove(*labels)
 
     def _count_refresh(self, key: CacheKey, done: asyncio.Task[Token]) -> None:
         """Count and log one background refresh (the token event operators look for)."""
