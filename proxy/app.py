@@ -19,6 +19,7 @@ from typing import Self
 import aiohttp
 from aiohttp import web
 
+from proxy import connections
 from proxy.admin import make_admin_app
 from proxy.forward import Forwarder
 from proxy.metrics import Metrics
@@ -224,8 +225,11 @@ class ProxyServer:
         """Drain: readiness fails at once, the listener closes, in-flight requests get the grace period."""
         self.runtime.draining = True
         if self._proxy_runner is not None:
+            deadline = time.monotonic() + self.settings.shutdown_grace_s
+            transports = connections.client_transports(self._proxy_runner)
             await self._proxy_runner.cleanup()
             self._proxy_runner = None
+            await connections.flush_or_reset(transports, deadline)  # a logged 200 is a delivered 200
         await self.runtime.close()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
@@ -237,3 +241,4 @@ class ProxyServer:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
+

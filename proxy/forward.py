@@ -26,7 +26,7 @@ from aiohttp.http import HttpVersion11
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy import errors
+from proxy import connections, errors
 from proxy.headers import downstream_response_headers, upstream_request_headers
 from proxy.logs import REQUEST_ID, write_request_line
 from proxy.metrics import Metrics
@@ -371,7 +371,7 @@ class Forwarder:
             "upstream broke mid-response; resetting the client connection",
             extra={"event": "upstream_mid_body", "request_id": ex.request_id, "error": type(exc).__name__},
         )
-        _reset(request)
+        connections.reset(request.transport)
 
     def _error_response(self, exc: errors.ProxyError, ex: Exchange) -> web.Response:
         ex.status, ex.error = exc.status, exc.code
@@ -467,9 +467,3 @@ def _check_transfer_coding(request: web.Request) -> None:
     if codings != ["chunked"]:
         raise errors.BadRequest("Transfer-Encoding other than a single 'chunked' is not supported")
 
-
-def _reset(request: web.Request) -> None:
-    """Abort the client connection so a truncated body can never look complete."""
-    transport = request.transport
-    if transport is not None:
-        transport.abort()

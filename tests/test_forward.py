@@ -373,8 +373,8 @@ async def test_upstream_timeout_is_504(
     [
         # streamed: the headers are already out, so the client sees its body cut short
         (0, (aiohttp.ClientPayloadError,)),
-        # relayed whole (the default for small answers): nothing was sent, the connection just closes
-        (64 * 1024, (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError)),
+        # relayed whole (the default for small answers): nothing was sent, the connection is reset
+        (64 * 1024, (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError)),
     ],
     ids=["streamed", "buffered"],
 )
@@ -394,6 +394,25 @@ async def test_upstream_drop_mid_body_resets_the_client(
             async with fresh.get(proxy.proxy_url + DECISION) as resp:
                 await resp.read()
     assert proxy.runtime.metrics.in_flight._value.get() == 0
+
+
+async def test_upstream_drop_after_the_head_was_relayed_is_a_tcp_reset_not_an_eof(
+    start_proxy: StartProxy, http: aiohttp.ClientSession, emulator: EmulatorServer
+) -> None:
+    """Once the head is out, only a reset tells a client that reads to EOF (a close-delimited
+    or HTTP/1.0 reader) that the body is incomplete: a plain close would send a clean FIN."""
+    proxy = await start_proxy({"upstream": {"response_buffer_bytes": 0}})  # stream: the head goes first
+    assert await _status(http, proxy.proxy_url + DECISION) == 200
+    await set_faults(http, emulator, api_drop="after_headers", api_drop_count=2)
+    host, port = proxy.proxy_url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(f"GET {DECISION} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    received = b""
+    with pytest.raises(ConnectionResetError):
+        while chunk := await asyncio.wait_for(reader.read(65536), 5):
+            received += chunk
+    writer.close()
+    assert received.startswith(b"HTTP/1.1 200")  # the head was relayed, then the connection was reset
 
 
 async def test_small_answers_are_relayed_whole_and_large_ones_streamed(

@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ import aiohttp
 import pytest
 import yaml
 
+from proxy.connections import flush_or_reset
 from proxy.emulator.app import EmulatorServer
 from proxy.emulator.streams import statement_bytes
 from tests.proxy_fixtures import base_config, merge, set_faults
@@ -167,6 +169,71 @@ async def test_signal_drains_a_slow_streaming_download_and_exits_0(
     assert download["status"] == 200 and download["proxy_error"] is None
     assert download["route"] == "accounts.read"
     assert logs[-1]["event"] == "stopped"
+
+
+# ------------------------------------------------- the tail of a response at exit
+#
+# A handler is done once its last bytes are *buffered* in the process; aiohttp's close()
+# only schedules their flush. Had the process exited then, a reader slower than the proxy
+# lost the tail of a download that the log called a complete 200 (seen in CI: 11,170 bytes
+# short of 24 MiB). ProxyServer.stop therefore waits for the buffers, within the grace
+# (proxy/connections.py).
+# The race cannot be provoked from outside the process on demand, so the waiting is tested
+# here on real sockets: a server-side transport with megabytes still buffered.
+
+
+@contextlib.asynccontextmanager
+async def buffered_transport(size: int) -> AsyncIterator[tuple[asyncio.Transport, socket.socket]]:
+    """A server transport that has written ``size`` bytes to a client that has read none yet."""
+    accepted: asyncio.Future[asyncio.StreamWriter] = asyncio.get_running_loop().create_future()
+
+    async def on_client(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(os.urandom(size))
+        accepted.set_result(writer)
+
+    server = await asyncio.start_server(on_client, "127.0.0.1", 0)
+    client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)  # before connect: stays small
+    client.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(client, server.sockets[0].getsockname())
+    writer = await accepted
+    try:
+        assert writer.transport.get_write_buffer_size() > 0, "the kernel took it all: nothing to test"
+        yield writer.transport, client
+    finally:
+        client.close()  # the server side then fails its writes and closes by itself
+        server.close()
+
+
+async def read_to_end(client: socket.socket) -> tuple[int, str]:
+    """Bytes read and how the stream ended: "eof" (clean close) or "reset"."""
+    loop, got = asyncio.get_running_loop(), 0
+    try:
+        while chunk := await loop.sock_recv(client, 256 * 1024):
+            got += len(chunk)
+    except ConnectionResetError:
+        return got, "reset"
+    return got, "eof"
+
+
+async def test_stop_waits_until_a_closed_connection_has_sent_its_buffered_tail() -> None:
+    size = 8 * 1024 * 1024
+    async with buffered_transport(size) as (transport, client):
+        transport.close()  # what aiohttp does when the handler is done
+        reading = asyncio.create_task(read_to_end(client))
+        await asyncio.wait_for(flush_or_reset([transport], time.monotonic() + 20.0), 10.0)
+        assert transport.get_write_buffer_size() == 0  # returned only once all was handed over
+        assert await reading == (size, "eof")
+
+
+async def test_past_the_grace_what_is_still_buffered_is_reset_not_closed_cleanly() -> None:
+    async with buffered_transport(8 * 1024 * 1024) as (transport, client):
+        transport.close()
+        started = time.monotonic()
+        await flush_or_reset([transport], started + 0.3)  # nobody reads: the grace runs out
+        assert time.monotonic() - started >= 0.3
+        got, end = await read_to_end(client)
+        assert got < 8 * 1024 * 1024 and end == "reset"  # a truncated body never looks whole
 
 
 async def test_a_request_longer_than_the_grace_period_is_cut_and_the_process_still_exits_0(
