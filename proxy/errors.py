@@ -9,6 +9,7 @@ error body; they never contain a token, a secret or an Authorization value.
     ├── BadRequest            400 bad_request          unsafe or malformed target
     ├── RouteNotAllowed       403 route_not_allowed    deny by default
     ├── BodyTooLarge          413 body_too_large
+    ├── ExpectationFailed     417 expectation_failed   an Expect other than 100-continue
     ├── UpstreamUnreachable   502 upstream_unreachable connect / reset
     ├── UpstreamTimeout       504 upstream_timeout
     ├── ScopeNotGranted       500 scope_not_granted    token endpoint said invalid_scope
@@ -53,6 +54,11 @@ class RouteNotAllowed(ProxyError):
 class BodyTooLarge(ProxyError):
     status = 413
     code = "body_too_large"
+
+
+class ExpectationFailed(ProxyError):
+    status = 417
+    code = "expectation_failed"
 
 
 class UpstreamUnreachable(ProxyError):

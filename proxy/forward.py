@@ -11,6 +11,7 @@ work that could be done at start-up.
 from __future__ import annotations
 
 import asyncio
+import io
 import itertools
 import logging
 import os
@@ -44,6 +45,7 @@ _WWW_AUTH_ERROR = re.compile(r'error="?([A-Za-z_]+)"?')
 _WWW_AUTH_SCOPE = re.compile(r'scope="([^"]*)"')
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _CHUNK = 256 * 1024
+_ONE_WRITE_BYTES = 1024 * 1024  # aiohttp's TOO_LARGE_BYTES_BODY: larger kept bodies go as a BytesIO
 NO_ROUTE = "(none)"
 
 
@@ -131,6 +133,7 @@ class Forwarder:
             raise errors.RouteNotAllowed(f"no route allows {request.method} {target.path}")
         ex.route = route.label
         self._check_declared_length(request)
+        await _answer_expectation(request)
         headers = upstream_request_headers(
             request.headers, replace_forwarded=self._settings.forwarded_headers
         )
@@ -174,19 +177,28 @@ class Forwarder:
             return None, True
         keep = self._settings.retry_body_limit
         if request.content_length is not None and request.content_length <= keep:
-            return await self._read_all(request), True
+            return await self._read_all(request, request.content_length), True
+        limit = self._settings.max_body_bytes
         head = bytearray()
         while len(head) <= keep:
             chunk = await request.content.readany()
             if not chunk:
                 return bytes(head), True
             head += chunk
+            if limit is not None and len(head) > limit:  # a chunked body has no declared length
+                raise self._too_large()
         return self._stream_rest(request, bytes(head), ex), False
 
-    async def _read_all(self, request: web.Request) -> bytes:
+    async def _read_all(self, request: web.Request, length: int) -> bytes:
+        """Exactly the declared body, from the stream.
+
+        Not ``request.read()``: that enforces aiohttp's own 1 MiB
+        ``client_max_size`` with a plain-text 413, whatever ``retry_body_limit``
+        and ``max_body_bytes`` say.
+        """
         try:
-            return await request.read()
-        except (aiohttp.ClientConnectionError, ConnectionResetError) as exc:
+            return await request.content.readexactly(length)
+        except (asyncio.IncompleteReadError, aiohttp.ClientConnectionError, ConnectionResetError) as exc:
             raise ClientGone() from exc
 
     async def _stream_rest(self, request: web.Request, head: bytes, ex: Exchange) -> AsyncIterator[bytes]:
@@ -218,13 +230,19 @@ class Forwarder:
         headers["Authorization"] = "Bearer " + token.value
         ex.token_digest = token.digest
         url = URL(self._origin + target.path + ("?" + target.query if target.query else ""), encoded=True)
+        if isinstance(body, bytes) and len(body) > _ONE_WRITE_BYTES:
+            # aiohttp writes a bytes body in one go and warns past 1 MiB; a fresh BytesIO (its
+            # payload is closed after sending) keeps the Content-Length and is written in chunks.
+            data: bytes | io.BytesIO | AsyncIterator[bytes] | None = io.BytesIO(body)
+        else:
+            data = body
         started = time.perf_counter()
         try:
             return await self._session.request(
                 request.method,
                 url,
                 headers=headers,
-                data=body,
+                data=data,
                 allow_redirects=False,
             )
         except errors.ProxyError:
@@ -314,6 +332,9 @@ class Forwarder:
         in one write, headers and body together: one syscall and no chunk loop.
         Anything else streams with flat memory.
         """
+        if _foreign_transfer_coding(upstream):
+            upstream.close()
+            raise errors.UpstreamUnreachable("the Credicorp API used a transfer coding other than chunked")
         ex.status = ex.upstream_status = upstream.status
         headers = downstream_response_headers(upstream.headers)
         headers["X-Request-Id"] = ex.request_id
@@ -452,6 +473,38 @@ def _invalid_token(upstream: aiohttp.ClientResponse) -> bool:
     """A 401 that a new token could fix: ``invalid_token``, or a bare Bearer challenge."""
     match = _WWW_AUTH_ERROR.search(upstream.headers.get("WWW-Authenticate", ""))
     return match is None or match.group(1) == "invalid_token"
+
+
+async def _answer_expectation(request: web.Request) -> None:
+    """``Expect: 100-continue`` gets its interim answer once the request passed our own checks.
+
+    aiohttp's low-level server never sends it, so a client that waits for it
+    (curl waits 1 s before sending any body over 1 KiB; some clients wait for
+    ever) would stall. It is sent only after the path, route and declared
+    length were accepted, so a refused upload is refused before its body is
+    sent (RFC 9110 §10.1.1). The header itself is never forwarded.
+    """
+    expect = request.headers.get(hdrs.EXPECT)
+    if expect is None:
+        return
+    if expect.strip().lower() != "100-continue":
+        raise errors.ExpectationFailed("only 'Expect: 100-continue' is supported")
+    if request.version >= HttpVersion11 and request.body_exists:
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the interim answer is not part of the response
+
+
+def _foreign_transfer_coding(upstream: aiohttp.ClientResponse) -> bool:
+    """True when the API framed its answer with more than ``chunked`` (e.g. ``gzip, chunked``).
+
+    aiohttp's client de-chunks it and leaves the gzip coding on the bytes;
+    relayed, the client would get compressed bytes with no ``Content-Encoding``
+    to say so. The mirror of ``_check_transfer_coding`` on the request side.
+    """
+    values = upstream.headers.getall(hdrs.TRANSFER_ENCODING, ())
+    if not values:
+        return False
+    return [c.strip().lower() for value in values for c in value.split(",")] != ["chunked"]
 
 
 def _check_transfer_coding(request: web.Request) -> None:
