@@ -162,13 +162,17 @@ class Runtime:
         await self.auth_session.close()
 
 
-async def _start_site(runner: web.BaseRunner, address: ListenAddress) -> web.BaseSite:
+async def _start_site(
+    runner: web.BaseRunner, address: ListenAddress, *, reuse_port: bool = False
+) -> web.BaseSite:
+    """Bind one listener. ``reuse_port`` only where asked: the admin port never shares, so a
+    scrape or a probe always reaches the process it names."""
     if address.unix_path:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(address.unix_path)
         site: web.BaseSite = web.UnixSite(runner, address.unix_path)
     else:
-        site = web.TCPSite(runner, address.host, address.port, reuse_port=os.name == "posix")
+        site = web.TCPSite(runner, address.host, address.port, reuse_port=reuse_port or None)
     await site.start()
     return site
 
@@ -195,8 +199,18 @@ class ProxyServer:
         self.admin_url = ""
         self._proxy_runner: web.ServerRunner | None = None
         self._admin_runner: web.AppRunner | None = None
+        self._stopped = False
 
     async def start(self) -> Self:
+        """Start everything, or close what was started and raise (a taken port, a bad socket path)."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def _start(self) -> None:
         await self.runtime.start()
         # auto_decompress=False: request bodies are forwarded as sent (SPEC §4: no decompression);
         # a Content-Encoding: gzip upload must reach the API compressed, and a gzip bomb must not
@@ -204,7 +218,8 @@ class ProxyServer:
         server = web.Server(self.runtime.forwarder.handle, handler_cancellation=True, auto_decompress=False)
         self._proxy_runner = web.ServerRunner(server, shutdown_timeout=self.settings.shutdown_grace_s)
         await self._proxy_runner.setup()
-        site = await _start_site(self._proxy_runner, self.settings.listen)
+        listen, reuse_port = self.settings.listen, self.settings.reuse_port
+        site = await _start_site(self._proxy_runner, listen, reuse_port=reuse_port)
         self.proxy_url = _bound_url(site, self._proxy_runner)
         self._admin_runner = web.AppRunner(make_admin_app(self.runtime), access_log=None)
         await self._admin_runner.setup()
@@ -219,10 +234,15 @@ class ProxyServer:
                 "routes": len(self.settings.routes),
             },
         )
-        return self
 
     async def stop(self) -> None:
-        """Drain: readiness fails at once, the listener closes, in-flight requests get the grace period."""
+        """Drain: readiness fails at once, the listener closes, in-flight requests get the grace period.
+
+        Idempotent: ``start`` calls it on a failed start-up, and the caller's own clean-up may too.
+        """
+        if self._stopped:
+            return
+        self._stopped = True
         self.runtime.draining = True
         if self._proxy_runner is not None:
             deadline = time.monotonic() + self.settings.shutdown_grace_s

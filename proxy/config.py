@@ -188,6 +188,7 @@ def parse_config(raw: Mapping[str, Any], env: Mapping[str, str], *, check_files:
         listen=top.listen,
         admin_listen=top.admin_listen,
         shutdown_grace_s=top.shutdown_grace_s,
+        reuse_port=top.reuse_port,
         routes=routes,
         warnings=tuple(report.warnings),
     )
@@ -200,6 +201,7 @@ class _TopLevel:
     listen: ListenAddress = Settings().listen
     admin_listen: ListenAddress = Settings().admin_listen
     shutdown_grace_s: float = Settings().shutdown_grace_s
+    reuse_port: bool = Settings().reuse_port
 
 
 # ------------------------------------------------------ cross-key checks

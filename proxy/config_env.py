@@ -25,7 +25,7 @@ SECTIONS: Final[dict[str, type]] = {
     "refresh": RefreshSettings,
     "logging": LogSettings,
 }
-TOP_SCALARS: Final = ("listen", "admin_listen", "shutdown_grace_s")
+TOP_SCALARS: Final = ("listen", "admin_listen", "shutdown_grace_s", "reuse_port")
 ROUTES_FILE_ENV: Final = "CCP_ROUTES_FILE"
 #: CCP_ variables that are not config keys but are still ours (no "unknown variable" warning).
 OTHER_ENV: Final = frozenset({ROUTES_FILE_ENV, "CCP_CONFIG"})

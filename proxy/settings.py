@@ -109,4 +109,7 @@ class Settings:
     logging: LogSettings = LogSettings()
     routes: tuple[RouteSpec, ...] = ()
     shutdown_grace_s: float = 30.0
+    # SO_REUSEPORT on the proxy listener, for several processes on one port. Off by default: a
+    # second instance on a taken port must fail to start, not silently take a share of the traffic.
+    reuse_port: bool = False
     warnings: tuple[str, ...] = ()  # non-fatal findings of validation (shadowed, over-broad)

@@ -162,6 +162,7 @@ BAD_VALUES = [
         'logging.level: expected one of critical, debug, error, info, warning, got "loud"',
     ),
     ("shutdown_grace_s", -1, "shutdown_grace_s: must be >= 0, got -1.0"),
+    ("reuse_port", "sometimes", 'reuse_port: expected true or false, got "sometimes"'),
     ("upstream.timout_s", 3, 'upstream.timout_s: unknown key (did you mean "timeout_s"?)'),
     ("rotes", [], 'rotes: unknown key (did you mean "routes"?)'),
     ("upstream", "https://x", 'upstream: expected a mapping, got "https://x"'),
@@ -407,6 +408,7 @@ def test_environment_wins_over_the_file_and_is_coerced() -> None:
         "CCP_REFRESH_AT_FRACTION": "0.8",
         "CCP_SHUTDOWN_GRACE_S": "5",
         "CCP_LOGGING_ACCESS_LOG": "off",
+        "CCP_REUSE_PORT": "true",
     }
     s = parse(with_key(minimal(), "upstream.url", "https://ignored.example"), env)
     assert s.upstream.url == "https://sandbox.credicorp.co.uk"
@@ -415,6 +417,7 @@ def test_environment_wins_over_the_file_and_is_coerced() -> None:
     assert s.listen == ListenAddress("::1", 8081)
     assert s.admin_listen.unix_path == "/run/ccp/admin.sock"
     assert (s.refresh.at_fraction, s.shutdown_grace_s, s.logging.access_log) == (0.8, 5.0, False)
+    assert s.reuse_port is True and parse(minimal(), {}).reuse_port is False  # off unless asked
 
 
 @pytest.mark.parametrize(

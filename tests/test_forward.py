@@ -520,3 +520,32 @@ async def test_unix_socket_listener(
     async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=sock)) as client:
         async with client.get("http://localhost" + DECISION) as resp:
             assert resp.status == 200
+
+
+# ------------------------------------------------------------------ listeners
+
+
+def _taken_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_a_second_proxy_on_a_taken_port_fails_to_start_unless_reuse_port_is_set(
+    start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    """Without ``reuse_port`` a stale or duplicate instance must not silently take a share of
+    the app's connections; with it (several workers), both serve, and the admin ports stay apart."""
+    port = _taken_port()
+    await start_proxy({"listen": f"127.0.0.1:{port}"})
+    with pytest.raises(OSError, match="address already in use"):
+        await start_proxy({"listen": f"127.0.0.1:{port}"})
+
+    shared = _taken_port()
+    first = await start_proxy({"listen": f"127.0.0.1:{shared}", "reuse_port": True})
+    second = await start_proxy({"listen": f"127.0.0.1:{shared}", "reuse_port": True})
+    assert first.proxy_url == second.proxy_url and first.admin_url != second.admin_url
+    async with http.get(first.proxy_url + DECISION) as resp:
+        assert resp.status == 200

@@ -216,6 +216,7 @@ def proxy_config(
     port: int,
     admin_port: int,
     cache_url: str,
+    reuse_port: bool = False,
 ) -> Path:
     raw = {
         "upstream": {"url": upstream, "timeout_s": 300},  # 1 GiB streams take longer than the 30 s default
@@ -223,6 +224,7 @@ def proxy_config(
         "listen": f"127.0.0.1:{port}",
         "admin_listen": f"127.0.0.1:{admin_port}",
         "cache": {"url": cache_url},
+        "reuse_port": reuse_port,
         "logging": {"level": "info", "access_log": True},
         "routes": routes,
     }
@@ -328,8 +330,12 @@ class Bench:
             port=port,
             admin_port=admin,
             cache_url=cache_url,
+            reuse_port=workers > 1,
         )
         cpus = self.server_cpus if workers == 1 else None
+        # Workers share the proxy port (reuse_port); each keeps its own admin port.
+        admin_env: list[dict[str, str]] = [{}]
+        admin_env += [{"CCP_ADMIN_LISTEN": f"127.0.0.1:{procs.free_port()}"} for _ in range(workers - 1)]
         started = time.perf_counter()
         children = [
             self.child(
@@ -338,6 +344,7 @@ class Bench:
                     python_module("proxy", "run", "-c", str(config)),
                     cpus=cpus,
                     log=self.log_file(f"proxy-{key}{i}"),
+                    env=admin_env[i],
                 )
             )
             for i in range(workers)
