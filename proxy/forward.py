@@ -259,6 +259,8 @@ class Forwarder:
         """What a failed upstream call means to the client; anything unexpected is returned as is."""
         if ex.body_over_limit:  # aiohttp wrapped the BodyTooLarge that our body iterator raised
             return self._too_large()
+        if isinstance(exc, aiohttp.ConnectionTimeoutError):  # never connected: unreachable, not slow
+            return errors.UpstreamUnreachable("cannot reach the Credicorp API (connect timed out)")
         if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
             return errors.UpstreamTimeout("the Credicorp API did not answer in time")
         if isinstance(exc, aiohttp.ClientPayloadError):  # reading the client's body failed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import os
@@ -366,6 +367,34 @@ async def test_upstream_timeout_is_504(
     async with http.get(proxy.proxy_url + DECISION) as resp:
         assert resp.status == 504
         assert resp.headers["X-Credicorp-Proxy-Error"] == "upstream_timeout"
+
+
+async def test_a_connect_timeout_is_unreachable_502_not_a_slow_answer_504(
+    start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    """A listener whose accept queue is full drops further SYNs: the connect itself times out."""
+    import socket
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        fillers = [socket.socket() for _ in range(4)]
+        for filler in fillers:
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(("127.0.0.1", port))
+        try:
+            proxy = await start_proxy(
+                {"upstream": {"url": f"http://127.0.0.1:{port}", "connect_timeout_s": 0.3}}
+            )
+            async with http.get(proxy.proxy_url + DECISION) as resp:
+                assert resp.status == 502
+                assert resp.headers["X-Credicorp-Proxy-Error"] == "upstream_unreachable"
+                assert "connect timed out" in (await resp.json())["error_description"]
+        finally:
+            for filler in fillers:
+                filler.close()
 
 
 @pytest.mark.parametrize(
