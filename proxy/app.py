@@ -88,8 +88,10 @@ class Runtime:
         self.upstream_session = _client_session(
             limit=up.pool_size,
             ca_file=up.ca_file,
+            # No total here: aiohttp's would also cut a long download. ``Forwarder._send`` bounds
+            # the time to the response head with ``timeout_s``; the body has ``read_timeout_s``.
             timeout=aiohttp.ClientTimeout(
-                total=up.timeout_s, connect=up.connect_timeout_s, sock_read=up.read_timeout_s
+                total=None, connect=up.connect_timeout_s, sock_read=up.read_timeout_s
             ),
         )
         self.auth_session = _client_session(

@@ -67,6 +67,7 @@ class Exchange:
     error: str | None = None
     token_digest: str | None = None
     body_over_limit: bool = False  # the streamed request body passed max_body_bytes mid-upload
+    answer_deadline: asyncio.Timeout | None = None  # armed once the request is sent (see _send)
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -217,6 +218,7 @@ class Forwarder:
                 ex.body_over_limit = True
                 raise self._too_large()
             yield chunk
+        self._arm_answer_deadline(ex)  # the whole upload is sent: the API's time to answer starts now
 
     async def _send(
         self,
@@ -238,13 +240,16 @@ class Forwarder:
             data = body
         started = time.perf_counter()
         try:
-            return await self._session.request(
-                request.method,
-                url,
-                headers=headers,
-                data=data,
-                allow_redirects=False,
-            )
+            async with asyncio.timeout(None) as ex.answer_deadline:
+                if not isinstance(body, AsyncIterator):
+                    self._arm_answer_deadline(ex)
+                return await self._session.request(
+                    request.method,
+                    url,
+                    headers=headers,
+                    data=data,
+                    allow_redirects=False,
+                )
         except errors.ProxyError:
             raise
         except Exception as exc:
@@ -254,6 +259,17 @@ class Forwarder:
             raise mapped from exc
         finally:
             ex.upstream_s += time.perf_counter() - started
+            ex.answer_deadline = None
+
+    def _arm_answer_deadline(self, ex: Exchange) -> None:
+        """``timeout_s`` bounds connect + send + the API's wait for the response head.
+
+        A streamed upload arms it only once its last byte is sent, so a slow
+        client's large upload is not cut; the response body is bounded by
+        ``read_timeout_s`` (silence) alone, so a long download is not cut either.
+        """
+        if ex.answer_deadline is not None:
+            ex.answer_deadline.reschedule(asyncio.get_running_loop().time() + self._settings.timeout_s)
 
     def _upstream_error(self, exc: Exception, ex: Exchange) -> Exception:
         """What a failed upstream call means to the client; anything unexpected is returned as is."""

@@ -21,6 +21,7 @@ from tests.proxy_fixtures import StartProxy, emulator_requests, raw_request
 
 DOC = "/partner/v1/applications/app_demo_001/documents"
 DECISION = "/partner/v1/decisions/dec_demo_001"
+PDF = {"Content-Type": "application/pdf"}
 
 
 async def open_proxy(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -158,3 +159,81 @@ async def test_a_response_coded_beyond_chunked_is_refused_not_relayed_without_it
         answer = await raw_request(proxy.proxy_url, f"GET {DECISION} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
     assert answer.startswith(b"HTTP/1.1 502 ") and b"upstream_unreachable" in answer
     assert body not in answer
+
+
+# ------------------------------------------------------------------ timeouts
+#
+# upstream.timeout_s bounds connect + send + the API's wait before the response head;
+# a streamed upload starts that clock only once it is sent, and the response body is
+# bounded by read_timeout_s (silence) alone. A long transfer is never cut by a total.
+
+
+async def test_a_download_longer_than_timeout_s_is_not_cut(start_proxy: StartProxy) -> None:
+    body = b"y" * 20_000
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/pdf\r\nContent-Length: %d\r\n\r\n" % len(body)
+
+    done = asyncio.Event()
+
+    async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(head)
+            for start in range(0, len(body), 2000):  # 10 pieces over ~1.5 s, 0.15 s apart
+                await asyncio.sleep(0.15)
+                writer.write(body[start : start + 2000])
+                await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+        done.set()
+
+    server = await asyncio.start_server(trickle, "127.0.0.1", 0)
+    try:
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        proxy = await start_proxy(
+            {"upstream": {"url": url, "timeout_s": 0.5, "read_timeout_s": 1.0, "response_buffer_bytes": 0}}
+        )
+        get = f"GET {DECISION} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        answer = await raw_request_all(proxy.proxy_url, get)
+        await asyncio.wait_for(done.wait(), 5)
+    finally:
+        server.close()
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(body)
+
+
+async def test_a_slow_streamed_upload_longer_than_timeout_s_is_not_cut(
+    start_proxy: StartProxy, http: aiohttp.ClientSession, emulator: EmulatorServer
+) -> None:
+    proxy = await start_proxy({"upstream": {"timeout_s": 0.5, "retry_body_limit": 1000}})
+
+    async def slowly() -> AsyncIterator[bytes]:
+        for _ in range(10):  # ~1.5 s in all, far past timeout_s
+            yield b"x" * 2000
+            await asyncio.sleep(0.15)
+
+    async with http.post(proxy.proxy_url + DOC, data=slowly(), headers=PDF) as r:
+        assert r.status == 201, await r.text()
+    [seen] = await emulator_requests(http, emulator)
+    assert seen["body_size"] == 20_000
+
+
+async def test_an_api_slow_to_answer_after_a_streamed_upload_is_still_cut_at_timeout_s(
+    start_proxy: StartProxy, http: aiohttp.ClientSession, emulator: EmulatorServer
+) -> None:
+    proxy = await start_proxy({"upstream": {"timeout_s": 0.5, "retry_body_limit": 1000}})
+    async with http.post(emulator.url + "/_emulator/faults", json={"api_latency_ms": 3000}) as resp:
+        assert resp.status == 200
+    started = asyncio.get_running_loop().time()
+    async with http.post(proxy.proxy_url + DOC, data=b"x" * 5000, headers=PDF) as r:
+        assert r.status == 504 and r.headers["X-Credicorp-Proxy-Error"] == "upstream_timeout"
+    assert asyncio.get_running_loop().time() - started < 2.0
+
+
+async def raw_request_all(url: str, request: bytes) -> bytes:
+    """Send raw bytes and read the whole answer until the proxy closes (``Connection: close``)."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(request.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1))
+    try:
+        return await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
