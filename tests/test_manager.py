@@ -119,6 +119,42 @@ async def test_expired_token_is_not_served_even_when_the_endpoint_is_down(
         await manager.get(DECISIONS, AUD)
 
 
+async def test_a_request_joining_a_long_failing_flight_never_gets_an_expired_fallback(
+    emulator: EmulatorServer, session: aiohttp.ClientSession
+) -> None:
+    """The fallback is judged when the flight returns it, not when the flight chose it."""
+    clock = FakeClock()
+    manager = make_manager(emulator, session, clock)
+    first = await manager.get(DECISIONS, AUD)
+    clock.now = first.expires_at - 6  # stale but still usable (the send margin is 5 s)
+    await set_faults(session, emulator, token_latency_ms=500, token_status=503, token_count=50)
+    assert (await manager.get(DECISIONS, AUD)).same_as(first)  # starts a refresh with fallback=first
+    await asyncio.sleep(0.1)
+    clock.now = first.expires_at + 1  # expired while the refresh is on the wire; a request joins it
+    with pytest.raises(TokenUnavailable):
+        await manager.get(DECISIONS, AUD)
+
+
+async def test_a_token_that_ran_out_during_a_slow_mint_is_not_handed_out(
+    emulator: EmulatorServer, session: aiohttp.ClientSession
+) -> None:
+    """get() and replace() check the token they return at return time, whatever the flight did."""
+    clock = FakeClock()
+    manager = make_manager(emulator, session, clock)
+    rejected = await manager.get(DECISIONS, AUD)
+    await set_faults(session, emulator, token_latency_ms=300)
+    replacing = asyncio.create_task(manager.replace(manager.key_for(DECISIONS, AUD), rejected))
+    await asyncio.sleep(0.1)
+    clock.now += 3600  # the token on the wire (stamped at the POST) is spent before it lands
+    with pytest.raises(TokenUnavailable):
+        await replacing
+    cold = asyncio.create_task(manager.get(("accounts:read",), AUD))
+    await asyncio.sleep(0.1)
+    clock.now += 3600
+    with pytest.raises(TokenUnavailable):
+        await cold
+
+
 async def test_stale_token_survives_a_failed_refresh(
     emulator: EmulatorServer, session: aiohttp.ClientSession
 ) -> None:

@@ -30,7 +30,7 @@ import random
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
-from proxy.errors import ProxyError, TokenError
+from proxy.errors import ProxyError, TokenError, TokenUnavailable
 from proxy.metrics import Metrics
 from proxy.settings import RefreshSettings
 from proxy.tokens.cache import MemoryTokenCache, TokenCache
@@ -111,7 +111,7 @@ class TokenManager:
             self._metrics.token_age_at_use.observe(now - token.issued_at)
             return token
         self._memory_miss.inc()
-        return await self._await_flight(key, None)
+        return self._sendable(key, await self._await_flight(key, None))
 
     async def replace(self, key: CacheKey, rejected: Token) -> Token:
         """After an upstream 401: purge ``rejected`` if still cached, get a new token once.
@@ -132,7 +132,20 @@ class TokenManager:
         token = await self._await_flight(key, rejected)
         if token.same_as(rejected):  # joined a refresh that started before the purge
             token = await self._await_flight(key, rejected)
-        return token
+        return self._sendable(key, token)
+
+    def _sendable(self, key: CacheKey, token: Token) -> Token:
+        """``token`` if it may still be sent now, else the error a caller with no token gets.
+
+        A flight can outlive the token it lands with (a mint slower than what is left of the
+        lifetime, or a request that joined a long flight late): the time that matters is the
+        moment the token leaves for the API, not the moment the flight chose it.
+        """
+        if self.usable(token, self._clock()):
+            return token
+        raise TokenUnavailable(
+            f"no valid token for scope set '{key.scope_label}'; it ran out while being fetched"
+        )
 
     # ------------------------------------------------------------- freshness
     def usable(self, token: Token, now: float) -> bool:
@@ -217,7 +230,8 @@ class TokenManager:
         try:
             token = await self._source.mint(key.scopes, key.audience)
         except TokenError:
-            if fallback is not None:
+            # Re-checked now, not when the flight started: a long mint may have outlived it.
+            if fallback is not None and self.usable(fallback, self._clock()):
                 log.warning(
                     "token endpoint failing; serving the still-valid cached token",
                     extra={"event": "serve_stale", "scopes": key.scope_label},
