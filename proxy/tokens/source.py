@@ -11,6 +11,7 @@ must look like on the wire is decided in ``wire.py``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
@@ -205,6 +206,7 @@ class TokenSource:
         token = parse_token_response(body, key, issued_at, self._auth.default_expires_in)
         _log_scope_difference(key, token.scopes)
         await self._verify(token)
+        token = dataclasses.replace(token, received_at=self._clock())  # in hand now, see Token
         self._succeeded(key, token, time.monotonic() - started)
         return token
 
