@@ -752,6 +752,23 @@ async def test_endpoint_faults_back_off_then_recover(
     assert source.health().backing_off_until is None and source.health().last_success_at == clock()
 
 
+async def test_a_concurrent_failure_without_retry_after_keeps_the_servers_longer_retry_after(
+    emu: EmulatorServer, control: EmulatorClient, session: aiohttp.ClientSession, clock: FakeClock
+) -> None:
+    source = make_source(emu.url, session, clock)
+    await source.discover()
+    await control.set_faults(token_latency_ms=300, token_status=429, token_count=1, token_retry_after=60)
+    told_to_wait = asyncio.create_task(source.mint(READ, "partner/v1"))  # 429, Retry-After: 60
+    await asyncio.sleep(0.1)
+    await control.set_faults(token_latency_ms=600, token_drop="before_headers", token_drop_count=1)
+    dropped = asyncio.create_task(source.mint(("accounts:read",), "partner/v1"))  # fails after it
+    for mint in (told_to_wait, dropped):
+        with pytest.raises(TokenUnavailable):
+            await mint
+    until = source.health().backing_off_until
+    assert until is not None and until - clock() == pytest.approx(60)
+
+
 async def test_emulator_load_with_faults_stays_under_the_ceiling(
     emu: EmulatorServer,
     control: EmulatorClient,

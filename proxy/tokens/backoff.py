@@ -122,14 +122,18 @@ class Backoff:
         self.until: float | None = None
 
     def failure(self, now: float, floor: float | None = None) -> float:
-        """Record a failure; returns the delay before the next attempt."""
+        """Record a failure; returns the delay before the next attempt.
+
+        The back-off only ever grows here: a concurrent failure without Retry-After
+        (a dropped connection) must not cut short a longer wait the server asked for.
+        """
         ceiling = min(self._cap, self._base * self._factor ** min(self.failures, 64))
         delay = max(self._base, self._rng.uniform(0.0, ceiling))
         if floor is not None:
             delay = max(delay, floor)
         self.failures += 1
-        self.until = now + delay
-        return delay
+        self.until = max(now + delay, self.until or now)
+        return self.until - now
 
     def success(self) -> None:
         self.failures = 0
