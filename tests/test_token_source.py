@@ -659,6 +659,33 @@ async def test_invalid_client_is_latched_until_the_secret_file_changes(
     assert token.scopes == READ
 
 
+async def test_a_late_invalid_client_for_a_replaced_secret_latches_nothing(
+    emu: EmulatorServer,
+    control: EmulatorClient,
+    session: aiohttp.ClientSession,
+    clock: FakeClock,
+    metrics: Metrics,
+    tmp_path: Path,
+) -> None:
+    """The fixed secret arrives while a mint with the old one is on the wire: its late
+    invalid_client must not latch the new generation nor raise the alert gauge."""
+    path = write_k8s_secret(tmp_path, "wrong-secret", "v1")
+    creds = CredentialProvider(CLIENT_ID, secret_file=str(path), metrics=metrics)
+    source = make_source(emu.url, session, clock, metrics, credentials=creds)
+    await source.discover()
+    await control.set_faults(token_latency_ms=300)
+    late = asyncio.create_task(source.mint(READ, "partner/v1"))
+    await asyncio.sleep(0.1)
+    write_k8s_secret(tmp_path, SECRET, "v2")
+    assert creds.reload()
+    with pytest.raises(CredentialsRejected):
+        await late
+    assert not source.health().credentials_rejected
+    assert sample(metrics, "ccp_credentials_rejected") == 0
+    await control.set_faults()
+    assert (await source.mint(READ, "partner/v1")).scopes == READ
+
+
 async def test_two_secret_roll_switches_new_mints_to_the_new_secret(
     emu: EmulatorServer,
     control: EmulatorClient,

@@ -273,9 +273,11 @@ class TokenSource:
         self, creds: Credentials, key: CacheKey, failure: EndpointFailure, *, called: bool
     ) -> ProxyError:
         """Count, log and apply a failure; returns the error the caller sees."""
-        self._last_error = failure.label
         self._count_error(failure.label)
         self._count(key, failure.result if called else "error")
+        if failure.kind is ErrorClass.REJECTED and self._superseded(creds):
+            return self._rejected_after_rotation(creds)
+        self._last_error = failure.label
         state = self._gate.record_failure(creds.generation, key, failure)
         if failure.kind is ErrorClass.REJECTED:
             return self._latched(creds)
@@ -313,6 +315,27 @@ class TokenSource:
                 applies_to="all" if state is self._gate.backoff else key.scope_label,
             )
         return TokenUnavailable(f"{failure.description}; retrying in {delay:.1f}s", delay)
+
+    def _superseded(self, creds: Credentials) -> bool:
+        """A newer secret arrived while this mint was on the wire."""
+        return creds.generation != self._credentials.current().generation
+
+    def _rejected_after_rotation(self, creds: Credentials) -> ProxyError:
+        """invalid_client for a secret already replaced: says nothing about the current one.
+
+        Latching it (or raising ``ccp_credentials_rejected``) would report the new secret as
+        rejected, with no further change of secret to clear the alert.
+        """
+        _event(
+            logging.WARNING,
+            "client credentials rejected for a secret already replaced; the current one is not latched",
+            "credentials_rejected_superseded",
+            client_id=creds.client_id,
+            fingerprint=creds.fingerprint,
+            generation=creds.generation,
+            current_generation=self._credentials.current().generation,
+        )
+        return policy.credentials_rejected_error()
 
     def _latched(self, creds: Credentials) -> ProxyError:
         if self._metrics is not None:
