@@ -168,6 +168,23 @@ async def test_stale_token_survives_a_failed_refresh(
     assert (await manager.get(DECISIONS, AUD)).same_as(first)
 
 
+async def test_a_failed_refresh_that_kept_the_old_token_is_counted_as_an_error(
+    emulator: EmulatorServer, session: aiohttp.ClientSession
+) -> None:
+    clock = FakeClock()
+    metrics = Metrics()
+    manager = make_manager(emulator, session, clock, metrics, idle_s=7200)
+    first = await manager.get(DECISIONS, AUD)
+    await set_faults(session, emulator, token_status=503, token_count=50)
+    clock.now += 3300
+    assert await manager.refresh_due() == 1
+    await asyncio.sleep(0.2)
+    assert manager.memory.peek(manager.key_for(DECISIONS, AUD)).same_as(first)  # nothing was refreshed
+    refreshes = metrics.registry.get_sample_value
+    assert refreshes("ccp_token_refreshes_total", {"result": "error"}) == 1
+    assert not refreshes("ccp_token_refreshes_total", {"result": "ok"})
+
+
 async def test_refresher_renews_used_scope_sets_and_forgets_idle_ones(
     emulator: EmulatorServer, session: aiohttp.ClientSession
 ) -> None:

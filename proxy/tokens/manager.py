@@ -271,7 +271,8 @@ class TokenManager:
                 left = max(0.0, token.expires_at - now)
                 self._metrics.token_ttl.labels(key.scope_label, key.audience).set(left)
             if key not in self._flights and (token is None or now >= self.refresh_at(token)):
-                self._start_flight(key, None).add_done_callback(functools.partial(self._count_refresh, key))
+                counted = functools.partial(self._count_refresh, key, token)
+                self._start_flight(key, None).add_done_callback(counted)
                 started += 1
         return started
 
@@ -286,9 +287,14 @@ class TokenManager:
             with contextlib.suppress(KeyError):
                 self._metrics.token_ttl.remove(*labels)
 
-    def _count_refresh(self, key: CacheKey, done: asyncio.Task[Token]) -> None:
-        """Count and log one background refresh (the token event operators look for)."""
-        failed = done.cancelled() or done.exception() is not None
+    def _count_refresh(self, key: CacheKey, before: Token | None, done: asyncio.Task[Token]) -> None:
+        """Count and log one background refresh (the token event operators look for).
+
+        A flight that lands with the very token it set out to replace did not refresh
+        anything: the mint failed and the still-valid token was kept (``serve_stale``).
+        That is an error, or the refresh metric would read healthy while tokens run out.
+        """
+        failed = done.cancelled() or done.exception() is not None or done.result().same_as(before)
         result = "error" if failed else "ok"
         self._metrics.token_refreshes.labels(result).inc()
         log.log(
