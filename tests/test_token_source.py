@@ -241,6 +241,32 @@ async def test_discovery_is_cached_and_reread_after_a_token_endpoint_failure(
     assert issuer.discovery_hits == 2
 
 
+@pytest.mark.parametrize(
+    ("status", "body", "rereads"),
+    [
+        pytest.param(404, "", True, id="404-moved"),
+        pytest.param(302, "", True, id="302-moved"),
+        pytest.param(400, '{"error": "invalid_request"}', False, id="oauth-error-from-the-endpoint"),
+    ],
+)
+async def test_discovery_is_reread_after_an_answer_that_is_not_from_a_token_endpoint(
+    issuer: ScriptedIssuer,
+    session: aiohttp.ClientSession,
+    clock: FakeClock,
+    status: int,
+    body: str,
+    rereads: bool,
+) -> None:
+    """SPEC §5 "re-read on failure": a 404 or a redirect means the endpoint may have moved."""
+    source = make_source(issuer.issuer, session, clock)
+    issuer.fail(status, body, headers={"Content-Type": "application/json" if body else "text/plain"})
+    with pytest.raises(TokenUnavailable) as caught:
+        await source.mint(READ, "partner/v1")
+    clock.advance(caught.value.retry_after)
+    await source.mint(READ, "partner/v1")
+    assert issuer.discovery_hits == (2 if rereads else 1)
+
+
 async def test_discovery_is_reread_after_its_ttl(
     issuer: ScriptedIssuer, session: aiohttp.ClientSession, clock: FakeClock
 ) -> None:

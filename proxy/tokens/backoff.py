@@ -213,6 +213,16 @@ class EndpointFailure(Exception):
         self.retry_after, self.status = retry_after, status
 
     @property
+    def endpoint_may_have_moved(self) -> bool:
+        """Whether discovery should be re-read: the answer may not be from the token endpoint.
+
+        True for a transient failure and for an HTTP error with no OAuth error code (a
+        404 or a redirect from a moved endpoint). An OAuth error (``invalid_request`` ...)
+        came from the token endpoint itself, so re-reading discovery would not help.
+        """
+        return self.kind is ErrorClass.TRANSIENT or self.label in ("http_3xx", "http_4xx")
+
+    @property
     def result(self) -> str:
         """The ``token_mints{result}`` value of this failure."""
         if self.kind is ErrorClass.REJECTED:

@@ -291,8 +291,8 @@ class TokenSource:
                 audience=key.audience,
             )
             return policy.scope_not_granted_error(key)
-        if state is self._gate.backoff:
-            self._discovery_stale = True  # the endpoint may have moved
+        if failure.endpoint_may_have_moved:
+            self._discovery_stale = True
         delay = state.remaining(self._clock())
         _event(
             logging.ERROR if failure.kind is ErrorClass.CONFIG else logging.WARNING,
