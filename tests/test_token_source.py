@@ -16,7 +16,9 @@ import json
 import logging
 import random
 import secrets
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from email.utils import formatdate
 from pathlib import Path
@@ -195,6 +197,38 @@ def make_source(
     )
 
 
+@dataclass
+class HangingServer:
+    """A TCP server that accepts and never answers (a hung issuer); counts connections."""
+
+    url: str = ""
+    connections: int = 0
+
+
+@asynccontextmanager
+async def hanging_server() -> AsyncIterator[HangingServer]:
+    hung = HangingServer()
+    release = asyncio.Event()
+
+    async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        hung.connections += 1
+        try:
+            await release.wait()
+        finally:
+            writer.close()
+            await writer.wait_closed()
+
+    server = await asyncio.start_server(hang, "127.0.0.1", 0)
+    hung.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        yield hung
+    finally:
+        release.set()
+        server.close()
+        await server.wait_closed()
+        await asyncio.sleep(0.01)  # let the handlers close their side
+
+
 def sample(metrics: Metrics, name: str, **labels: str) -> float:
     return metrics.registry.get_sample_value(name, labels) or 0.0
 
@@ -265,6 +299,23 @@ async def test_discovery_is_reread_after_an_answer_that_is_not_from_a_token_endp
     clock.advance(caught.value.retry_after)
     await source.mint(READ, "partner/v1")
     assert issuer.discovery_hits == (2 if rereads else 1)
+
+
+async def test_a_hung_discovery_costs_every_waiting_scope_set_one_timeout_not_one_each(
+    session: aiohttp.ClientSession, clock: FakeClock
+) -> None:
+    """Waiters share the discovery fetch in progress, and its failure, instead of queueing
+    behind a lock and each fetching again after the one before them timed out."""
+    async with hanging_server() as hung:
+        source = make_source(hung.url, session, clock, timeout_s=0.5)
+        started = time.monotonic()
+        results = await asyncio.gather(
+            *(source.mint((f"s{i}:read",), "partner/v1") for i in range(6)), return_exceptions=True
+        )
+        elapsed = time.monotonic() - started
+    assert all(isinstance(r, TokenUnavailable) for r in results), results
+    assert hung.connections == 1
+    assert elapsed < 1.5
 
 
 async def test_discovery_is_reread_after_its_ttl(

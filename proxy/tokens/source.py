@@ -26,6 +26,7 @@ from proxy.errors import ProxyError, TokenUnavailable
 from proxy.metrics import Metrics
 from proxy.settings import AuthSettings
 from proxy.tokens import backoff as policy
+from proxy.tokens.attempt import SharedAttempt
 from proxy.tokens.backoff import EndpointFailure, ErrorClass
 from proxy.tokens.credentials import CredentialProvider
 from proxy.tokens.model import CacheKey, Credentials, Token
@@ -87,7 +88,7 @@ class TokenSource:
         self._limiter = policy.MintRateLimiter(auth.max_mint_rate, clock, sleep)
         self._discovery: Discovery | None = None
         self._discovery_stale = False
-        self._discovery_lock = asyncio.Lock()
+        self._discovery_fetch: SharedAttempt[Discovery] = SharedAttempt()
         self._last_error: str | None = None
         self._last_success_at: float | None = None
         self._timeout = aiohttp.ClientTimeout(total=auth.timeout_s)
@@ -161,13 +162,16 @@ class TokenSource:
         return (await self._discover()).token_endpoint
 
     async def _discover(self) -> Discovery:
-        async with self._discovery_lock:
-            now, cached = self._clock(), self._discovery
-            if cached and not self._discovery_stale and now - cached.fetched_at < DISCOVERY_TTL_S:
-                return cached
-            self._discovery = await self._fetch_discovery(now)
-            self._discovery_stale = False
-            return self._discovery
+        """The cached document, or the one fetch in progress (shared, failure included)."""
+        cached = self._discovery
+        if cached and not self._discovery_stale and self._clock() - cached.fetched_at < DISCOVERY_TTL_S:
+            return cached
+        return await self._discovery_fetch.run(self._read_discovery)
+
+    async def _read_discovery(self) -> Discovery:
+        discovery = await self._fetch_discovery(self._clock())
+        self._discovery, self._discovery_stale = discovery, False
+        return discovery
 
     async def _fetch_discovery(self, now: float) -> Discovery:
         issuer = self._auth.issuer
