@@ -873,6 +873,33 @@ async def test_a_concurrent_failure_without_retry_after_keeps_the_servers_longer
     assert until is not None and until - clock() == pytest.approx(60)
 
 
+async def test_one_burst_of_concurrent_failures_is_one_step_of_the_backoff(
+    emu: EmulatorServer,
+    control: EmulatorClient,
+    session: aiohttp.ClientSession,
+    clock: FakeClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Eight scope sets on the wire together, all answered 503: the endpoint failed once, as
+    far as the back-off knows; the next failure after the wait is the second step."""
+    source = make_source(emu.url, session, clock, max_mint_rate=9)
+    await source.discover()
+    await control.set_faults(token_status=503, token_count=9)
+    scope_sets = [(s,) for s in sorted(PARTNER_SCOPES)][:8]
+    mints = (source.mint(s, "partner/v1") for s in scope_sets)
+    results = await asyncio.gather(*mints, return_exceptions=True)
+    assert all(isinstance(r, TokenUnavailable) for r in results), results
+    assert (await control.stats())["token_requests"] == 8
+    steps = [r.failures for r in caplog.records if getattr(r, "event", None) == "mint_failed"]
+    assert steps == [1] * 8
+    until = source.health().backing_off_until
+    assert until is not None and until - clock() <= 1.0  # the first step's wait, not the eighth's
+    clock.advance(until - clock())
+    with pytest.raises(TokenUnavailable):
+        await source.mint(READ, "partner/v1")
+    assert [r.failures for r in caplog.records if getattr(r, "event", None) == "mint_failed"][-1] == 2
+
+
 async def test_emulator_load_with_faults_stays_under_the_ceiling(
     emu: EmulatorServer,
     control: EmulatorClient,

@@ -101,26 +101,29 @@ class TokenSource:
         creds = self._credentials.current()
         key = CacheKey.create(creds, scopes, audience)
         self._refuse_early(creds, key)
+        started = self._clock()
         try:
             endpoint = await self._token_endpoint()
         except EndpointFailure as failure:
-            raise self._failed(creds, key, failure, called=False) from None
+            raise self._failed(creds, key, failure, called=False, started=started) from None
         await self._acquire_slot(key)
         self._refuse_early(creds, key)  # another mint may have failed while we queued
+        started = self._clock()
         try:
             return await self._request(endpoint, creds, key)
         except EndpointFailure as failure:
-            raise self._failed(creds, key, failure, called=True) from None
+            raise self._failed(creds, key, failure, called=True, started=started) from None
 
     async def discover(self) -> Discovery:
         """The discovery document: cached, re-read after a token-endpoint failure."""
+        started = self._clock()
         try:
             return await self._discover()
         except EndpointFailure as failure:
             self._count_error(failure.label)
             self._last_error = failure.label
             state = self._gate.backoff
-            state.failure(self._clock())
+            state.failure(self._clock(), started=started)
             raise TokenUnavailable(failure.description, state.remaining(self._clock())) from None
 
     async def jwks_uri(self) -> str:
@@ -274,15 +277,15 @@ class TokenSource:
         )
 
     def _failed(
-        self, creds: Credentials, key: CacheKey, failure: EndpointFailure, *, called: bool
+        self, creds: Credentials, key: CacheKey, failure: EndpointFailure, *, called: bool, started: float
     ) -> ProxyError:
-        """Count, log and apply a failure; returns the error the caller sees."""
+        """Count, log and apply a failure of a call begun at ``started``; returns the caller's error."""
         self._count_error(failure.label)
         self._count(key, failure.result if called else "error")
         if failure.kind is ErrorClass.REJECTED and self._superseded(creds):
             return self._rejected_after_rotation(creds)
         self._last_error = failure.label
-        state = self._gate.record_failure(creds.generation, key, failure)
+        state = self._gate.record_failure(creds.generation, key, failure, started)
         if failure.kind is ErrorClass.REJECTED:
             return self._latched(creds)
         if state is None:  # invalid_scope: a route-table problem, remembered for a while
