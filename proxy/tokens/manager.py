@@ -119,7 +119,8 @@ class TokenManager:
         Every request that saw the same token rejected joins one flight, and a
         request arriving after the flight landed simply picks up its token.
         """
-        await self.memory.purge_if_same(key, rejected)
+        for held in (key, *self._earlier_generation_keys(key)):  # it may be a previous secret's token
+            await self.memory.purge_if_same(held, rejected)
         if self._shared is not None:
             await self._shared.purge_if_same(key, rejected)
         current = self.memory.peek(key)
@@ -201,12 +202,12 @@ class TokenManager:
                 return shared
             fallback = fallback or shared
         if self._shared is None:
-            return await self._mint(key, fallback)
+            return await self._mint(key, fallback, rejected)
         async with self._shared.lease(key):
             shared = await self._shared_token(key, rejected)  # the lease holder before us may have minted
             if shared is not None and self.is_fresh(shared, self._clock()):
                 return shared
-            return await self._mint(key, fallback)
+            return await self._mint(key, fallback, rejected)
 
     def _usable_memory(self, key: CacheKey, rejected: Token | None) -> Token | None:
         token = self.memory.peek(key)
@@ -226,22 +227,54 @@ class TokenManager:
         await self._store_memory(key, token)
         return token
 
-    async def _mint(self, key: CacheKey, fallback: Token | None) -> Token:
+    async def _mint(self, key: CacheKey, fallback: Token | None, rejected: Token | None) -> Token:
         try:
             token = await self._source.mint(key.scopes, key.audience)
         except TokenError:
-            # Re-checked now, not when the flight started: a long mint may have outlived it.
-            if fallback is not None and self.usable(fallback, self._clock()):
-                log.warning(
-                    "token endpoint failing; serving the still-valid cached token",
-                    extra={"event": "serve_stale", "scopes": key.scope_label},
-                )
-                return fallback
-            raise
+            chosen = self._fallback_now(key, fallback, rejected)
+            if chosen is None:
+                raise
+            log.warning(
+                "token endpoint failing; serving the still-valid cached token",
+                extra={
+                    "event": "serve_stale",
+                    "scopes": key.scope_label,
+                    "previous_secret": chosen is not fallback,
+                },
+            )
+            return chosen
         await self._store_memory(key, token)
         if self._shared is not None:
             await self._shared.put(key, token)
         return token
+
+    def _fallback_now(self, key: CacheKey, fallback: Token | None, rejected: Token | None) -> Token | None:
+        """What to serve when the mint failed, judged now: a long mint may have outlived ``fallback``."""
+        if fallback is not None and self.usable(fallback, self._clock()):
+            return fallback
+        return self._earlier_generation_token(key, rejected)
+
+    def _earlier_generation_keys(self, key: CacheKey) -> list[CacheKey]:
+        """Keys in memory for the same client, audience and scope set under an earlier secret."""
+        same = (key.client_id, key.audience, key.scopes)
+        return [
+            held
+            for held in self.memory.keys()
+            if held.fingerprint != key.fingerprint and (held.client_id, held.audience, held.scopes) == same
+        ]
+
+    def _earlier_generation_token(self, key: CacheKey, rejected: Token | None) -> Token | None:
+        """The longest-lived usable token minted with an earlier secret for ``key``'s scope set.
+
+        Credicorp keeps tokens valid until they expire when a secret changes, so after a
+        rotation to a secret the token endpoint refuses (deployed before it was registered)
+        or while the endpoint is down, the previous secret's tokens still serve their routes.
+        They are never stored under the new key, and one the API refused is not chosen.
+        """
+        now = self._clock()
+        held = (self.memory.peek(k) for k in self._earlier_generation_keys(key))
+        usable = [t for t in held if t is not None and not t.same_as(rejected) and self.usable(t, now)]
+        return max(usable, key=lambda t: t.expires_at, default=None)
 
     async def _store_memory(self, key: CacheKey, token: Token) -> None:
         await self.memory.put(key, token)
@@ -290,11 +323,16 @@ class TokenManager:
     def _count_refresh(self, key: CacheKey, before: Token | None, done: asyncio.Task[Token]) -> None:
         """Count and log one background refresh (the token event operators look for).
 
-        A flight that lands with the very token it set out to replace did not refresh
-        anything: the mint failed and the still-valid token was kept (``serve_stale``).
-        That is an error, or the refresh metric would read healthy while tokens run out.
+        A refresh succeeded only if ``key`` now holds a token other than the one it had. A
+        flight that lands with the very token it set out to replace (the mint failed and the
+        still-valid token was kept, ``serve_stale``), or with a previous secret's token that
+        is never stored under ``key``, refreshed nothing. That is an error, or the refresh
+        metric would read healthy while tokens run out.
         """
-        failed = done.cancelled() or done.exception() is not None or done.result().same_as(before)
+        failed = done.cancelled() or done.exception() is not None
+        if not failed:
+            landed = done.result()
+            failed = landed.same_as(before) or not landed.same_as(self.memory.peek(key))
         result = "error" if failed else "ok"
         self._metrics.token_refreshes.labels(result).inc()
         log.log(
