@@ -308,7 +308,7 @@ class Forwarder:
         if not replayable:
             retries.labels("body_not_replayable").inc()
             return first
-        if token.issued_at >= started:
+        if token.received_since(started):
             retries.labels("fresh_token_rejected").inc()
             return first
         first.release()

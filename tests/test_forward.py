@@ -299,6 +299,26 @@ async def test_second_401_goes_back_to_the_client(
     assert len(await emulator_requests(http, emulator)) == 3  # warm-up, first try, one retry
 
 
+async def test_a_401_on_a_token_minted_during_the_request_is_not_retried_even_when_it_joined_late(
+    start_proxy: StartProxy, http: aiohttp.ClientSession, emulator: EmulatorServer
+) -> None:
+    """SPEC §4: a token minted during this very request is not purged and re-minted.
+
+    The second request starts while the first one's mint POST is already on the wire,
+    so the token's ``issued_at`` (stamped at the POST) is older than that request; it
+    is still brand-new to it, and another mint would not fix a 401 on it.
+    """
+    proxy = await start_proxy()
+    await set_faults(http, emulator, token_latency_ms=400, api_status=401, api_count=2)
+    first = asyncio.create_task(_status(http, proxy.proxy_url + DECISION))
+    await asyncio.sleep(0.15)
+    joined = asyncio.create_task(_status(http, proxy.proxy_url + DECISION))
+    assert await asyncio.gather(first, joined) == [401, 401]
+    assert (await emulator_stats(http, emulator))["tokens_issued"] == 1
+    counted = proxy.runtime.metrics.registry.get_sample_value
+    assert counted("ccp_upstream_401_retries_total", {"outcome": "fresh_token_rejected"}) == 2
+
+
 async def test_401_on_a_body_over_the_retry_limit_is_returned_as_is(
     start_proxy: StartProxy, http: aiohttp.ClientSession, emulator: EmulatorServer
 ) -> None:

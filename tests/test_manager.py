@@ -6,12 +6,13 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from pathlib import Path
 
 import aiohttp
 import pytest
 
 from proxy.emulator.app import EmulatorServer
-from proxy.errors import TokenUnavailable
+from proxy.errors import CredentialsRejected, TokenUnavailable
 from proxy.metrics import Metrics
 from proxy.settings import AuthSettings, RefreshSettings
 from proxy.tokens.credentials import CredentialProvider
@@ -119,6 +120,42 @@ async def test_expired_token_is_not_served_even_when_the_endpoint_is_down(
         await manager.get(DECISIONS, AUD)
 
 
+async def test_a_request_joining_a_long_failing_flight_never_gets_an_expired_fallback(
+    emulator: EmulatorServer, session: aiohttp.ClientSession
+) -> None:
+    """The fallback is judged when the flight returns it, not when the flight chose it."""
+    clock = FakeClock()
+    manager = make_manager(emulator, session, clock)
+    first = await manager.get(DECISIONS, AUD)
+    clock.now = first.expires_at - 6  # stale but still usable (the send margin is 5 s)
+    await set_faults(session, emulator, token_latency_ms=500, token_status=503, token_count=50)
+    assert (await manager.get(DECISIONS, AUD)).same_as(first)  # starts a refresh with fallback=first
+    await asyncio.sleep(0.1)
+    clock.now = first.expires_at + 1  # expired while the refresh is on the wire; a request joins it
+    with pytest.raises(TokenUnavailable):
+        await manager.get(DECISIONS, AUD)
+
+
+async def test_a_token_that_ran_out_during_a_slow_mint_is_not_handed_out(
+    emulator: EmulatorServer, session: aiohttp.ClientSession
+) -> None:
+    """get() and replace() check the token they return at return time, whatever the flight did."""
+    clock = FakeClock()
+    manager = make_manager(emulator, session, clock)
+    rejected = await manager.get(DECISIONS, AUD)
+    await set_faults(session, emulator, token_latency_ms=300)
+    replacing = asyncio.create_task(manager.replace(manager.key_for(DECISIONS, AUD), rejected))
+    await asyncio.sleep(0.1)
+    clock.now += 3600  # the token on the wire (stamped at the POST) is spent before it lands
+    with pytest.raises(TokenUnavailable):
+        await replacing
+    cold = asyncio.create_task(manager.get(("accounts:read",), AUD))
+    await asyncio.sleep(0.1)
+    clock.now += 3600
+    with pytest.raises(TokenUnavailable):
+        await cold
+
+
 async def test_stale_token_survives_a_failed_refresh(
     emulator: EmulatorServer, session: aiohttp.ClientSession
 ) -> None:
@@ -130,6 +167,23 @@ async def test_stale_token_survives_a_failed_refresh(
     assert await manager.refresh_due() == 1
     await asyncio.sleep(0.2)
     assert (await manager.get(DECISIONS, AUD)).same_as(first)
+
+
+async def test_a_failed_refresh_that_kept_the_old_token_is_counted_as_an_error(
+    emulator: EmulatorServer, session: aiohttp.ClientSession
+) -> None:
+    clock = FakeClock()
+    metrics = Metrics()
+    manager = make_manager(emulator, session, clock, metrics, idle_s=7200)
+    first = await manager.get(DECISIONS, AUD)
+    await set_faults(session, emulator, token_status=503, token_count=50)
+    clock.now += 3300
+    assert await manager.refresh_due() == 1
+    await asyncio.sleep(0.2)
+    assert manager.memory.peek(manager.key_for(DECISIONS, AUD)).same_as(first)  # nothing was refreshed
+    refreshes = metrics.registry.get_sample_value
+    assert refreshes("ccp_token_refreshes_total", {"result": "error"}) == 1
+    assert not refreshes("ccp_token_refreshes_total", {"result": "ok"})
 
 
 async def test_refresher_renews_used_scope_sets_and_forgets_idle_ones(
@@ -211,6 +265,50 @@ async def test_rotated_credentials_use_a_new_cache_key(
     assert manager.key_for(DECISIONS, AUD) != old_key
     await manager.get(DECISIONS, AUD)
     assert (await emulator_stats(session, emulator))["tokens_issued"] == 2
+
+
+def rotate_to_an_unregistered_secret(
+    emulator: EmulatorServer, session: aiohttp.ClientSession, clock: FakeClock, secret: Path, metrics: Metrics
+) -> tuple[TokenManager, CredentialProvider]:
+    """A manager whose secret file starts with the demo secret (the test then rotates it)."""
+    secret.write_text("demo-secret")
+    auth = AuthSettings(
+        issuer=emulator.url, client_id="cc_client_demo", client_secret_file=str(secret), verify=False
+    )
+    creds = CredentialProvider(auth.client_id, secret_file=str(secret))
+    source = TokenSource(auth, creds, session, clock=clock, metrics=metrics)
+    manager = TokenManager(source, creds, refresh=RefreshSettings(jitter_s=0.0), clock=clock, metrics=metrics)
+    return manager, creds
+
+
+async def test_after_a_rotation_to_a_refused_secret_the_previous_secrets_token_is_served(
+    emulator: EmulatorServer, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """Until it expires or the API refuses it; a refresh that could only serve it refreshed nothing."""
+    clock, metrics = FakeClock(), Metrics()
+    manager, creds = rotate_to_an_unregistered_secret(emulator, session, clock, tmp_path / "s", metrics)
+    old = await manager.get(DECISIONS, AUD)
+    (tmp_path / "s").write_text("not-yet-registered-secret")
+    assert creds.reload()
+    clock.now += 60
+    assert (await manager.get(DECISIONS, AUD)).same_as(old)
+    with pytest.raises(CredentialsRejected):
+        await manager.get(("accounts:read",), AUD)  # no earlier token for this scope set
+
+    clock.now += 60
+    assert await manager.refresh_due() == 2  # the new keys have no token of their own
+    await asyncio.sleep(0.2)
+    refreshes = metrics.registry.get_sample_value
+    assert refreshes("ccp_token_refreshes_total", {"result": "error"}) == 2
+    assert not refreshes("ccp_token_refreshes_total", {"result": "ok"})
+
+    with pytest.raises(CredentialsRejected):  # the API refused it (a revoke-all): dropped, not re-served
+        await manager.replace(manager.key_for(DECISIONS, AUD), old)
+    with pytest.raises(CredentialsRejected):
+        await manager.get(DECISIONS, AUD)
+    clock.now = old.expires_at  # and it would not have outlived its expiry either
+    with pytest.raises(CredentialsRejected):
+        await manager.get(DECISIONS, AUD)
 
 
 async def test_prefetched_scope_sets_are_kept_warm_even_when_idle(

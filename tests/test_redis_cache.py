@@ -246,6 +246,20 @@ async def test_sentinel_url_finds_the_master_and_keeps_everything_working(
         assert raw.dbsize() == 0  # everything was purged on the master the sentinel named
 
 
+async def test_a_token_read_from_redis_carries_no_receipt_time_of_the_replica_that_minted_it(
+    redis_server: RedisServer, caches: Caches
+) -> None:
+    """``received_at`` is local knowledge: another replica's copy never counts as minted here,
+    so a 401 on it is always purged and retried once (see ``Token``)."""
+    a, b = caches(redis_server.url), caches(redis_server.url)
+    now = time.time()
+    minted = Token(SECRET_TOKEN, now - 1, now + 599, ("decisions:read",), AUD, received_at=now)
+    await a.put(key(), minted)
+    read = await b.get(key())
+    assert read == minted and read is not None and read.received_at is None
+    assert minted.received_since(now) and not read.received_since(0.0)
+
+
 # ------------------------------------------------------------- invalidation
 async def test_a_purge_reaches_other_replicas_with_its_digest_but_not_the_purger(
     redis_server: RedisServer, caches: Caches

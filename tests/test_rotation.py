@@ -197,6 +197,29 @@ async def test_after_invalid_client_the_token_endpoint_is_called_again_only_for_
     assert (await emulator_stats(http, emulator))["token_requests"] > calls
 
 
+async def test_a_rotated_secret_not_registered_yet_keeps_the_previous_secrets_tokens_serving(
+    start_proxy: StartProxy, http: aiohttp.ClientSession, emulator: EmulatorServer, tmp_path: Path
+) -> None:
+    """Steps 1 and 2 of the roll done in the wrong order: the tokens minted with the previous
+    secret are still valid and keep their routes working; the pod still reports the rejected
+    secret (not ready, alert gauge 1), and a scope set with no such token gets 503."""
+    volume = SecretVolume.create(tmp_path / "credicorp", OLD_SECRET)
+    proxy = await start_proxy(secret_file_config(volume))
+    assert await get(http, proxy.proxy_url + DECISION) == 200
+    volume.swap(NEW_SECRET)  # deployed before it was added at Credicorp
+    proxy.runtime.reload_credentials()
+    for _ in range(3):
+        assert await get(http, proxy.proxy_url + DECISION) == 200
+    async with http.get(proxy.proxy_url + ACCOUNT) as resp:
+        assert resp.status == 503
+        assert resp.headers["X-Credicorp-Proxy-Error"] == "credentials_rejected"
+    async with http.get(proxy.admin_url + "/readyz") as resp:
+        assert resp.status == 503 and (await resp.json())["reason"] == "credentials_rejected"
+    m = await scrape(http, proxy)
+    assert m.value("ccp_credentials_rejected") == 1
+    assert await minted_with(http, emulator, OLD_SECRET) == 1  # the old secret is never used again
+
+
 async def test_an_empty_or_missing_secret_file_keeps_the_previous_secret(
     start_proxy: StartProxy, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:

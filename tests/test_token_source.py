@@ -16,7 +16,9 @@ import json
 import logging
 import random
 import secrets
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from email.utils import formatdate
 from pathlib import Path
@@ -195,6 +197,38 @@ def make_source(
     )
 
 
+@dataclass
+class HangingServer:
+    """A TCP server that accepts and never answers (a hung issuer); counts connections."""
+
+    url: str = ""
+    connections: int = 0
+
+
+@asynccontextmanager
+async def hanging_server() -> AsyncIterator[HangingServer]:
+    hung = HangingServer()
+    release = asyncio.Event()
+
+    async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        hung.connections += 1
+        try:
+            await release.wait()
+        finally:
+            writer.close()
+            await writer.wait_closed()
+
+    server = await asyncio.start_server(hang, "127.0.0.1", 0)
+    hung.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        yield hung
+    finally:
+        release.set()
+        server.close()
+        await server.wait_closed()
+        await asyncio.sleep(0.01)  # let the handlers close their side
+
+
 def sample(metrics: Metrics, name: str, **labels: str) -> float:
     return metrics.registry.get_sample_value(name, labels) or 0.0
 
@@ -239,6 +273,49 @@ async def test_discovery_is_cached_and_reread_after_a_token_endpoint_failure(
     assert issuer.discovery_hits == 2
     await source.mint(READ, "partner/v1")
     assert issuer.discovery_hits == 2
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "rereads"),
+    [
+        pytest.param(404, "", True, id="404-moved"),
+        pytest.param(302, "", True, id="302-moved"),
+        pytest.param(400, '{"error": "invalid_request"}', False, id="oauth-error-from-the-endpoint"),
+    ],
+)
+async def test_discovery_is_reread_after_an_answer_that_is_not_from_a_token_endpoint(
+    issuer: ScriptedIssuer,
+    session: aiohttp.ClientSession,
+    clock: FakeClock,
+    status: int,
+    body: str,
+    rereads: bool,
+) -> None:
+    """SPEC §5 "re-read on failure": a 404 or a redirect means the endpoint may have moved."""
+    source = make_source(issuer.issuer, session, clock)
+    issuer.fail(status, body, headers={"Content-Type": "application/json" if body else "text/plain"})
+    with pytest.raises(TokenUnavailable) as caught:
+        await source.mint(READ, "partner/v1")
+    clock.advance(caught.value.retry_after)
+    await source.mint(READ, "partner/v1")
+    assert issuer.discovery_hits == (2 if rereads else 1)
+
+
+async def test_a_hung_discovery_costs_every_waiting_scope_set_one_timeout_not_one_each(
+    session: aiohttp.ClientSession, clock: FakeClock
+) -> None:
+    """Waiters share the discovery fetch in progress, and its failure, instead of queueing
+    behind a lock and each fetching again after the one before them timed out."""
+    async with hanging_server() as hung:
+        source = make_source(hung.url, session, clock, timeout_s=0.5)
+        started = time.monotonic()
+        results = await asyncio.gather(
+            *(source.mint((f"s{i}:read",), "partner/v1") for i in range(6)), return_exceptions=True
+        )
+        elapsed = time.monotonic() - started
+    assert all(isinstance(r, TokenUnavailable) for r in results), results
+    assert hung.connections == 1
+    assert elapsed < 1.5
 
 
 async def test_discovery_is_reread_after_its_ttl(
@@ -659,6 +736,33 @@ async def test_invalid_client_is_latched_until_the_secret_file_changes(
     assert token.scopes == READ
 
 
+async def test_a_late_invalid_client_for_a_replaced_secret_latches_nothing(
+    emu: EmulatorServer,
+    control: EmulatorClient,
+    session: aiohttp.ClientSession,
+    clock: FakeClock,
+    metrics: Metrics,
+    tmp_path: Path,
+) -> None:
+    """The fixed secret arrives while a mint with the old one is on the wire: its late
+    invalid_client must not latch the new generation nor raise the alert gauge."""
+    path = write_k8s_secret(tmp_path, "wrong-secret", "v1")
+    creds = CredentialProvider(CLIENT_ID, secret_file=str(path), metrics=metrics)
+    source = make_source(emu.url, session, clock, metrics, credentials=creds)
+    await source.discover()
+    await control.set_faults(token_latency_ms=300)
+    late = asyncio.create_task(source.mint(READ, "partner/v1"))
+    await asyncio.sleep(0.1)
+    write_k8s_secret(tmp_path, SECRET, "v2")
+    assert creds.reload()
+    with pytest.raises(CredentialsRejected):
+        await late
+    assert not source.health().credentials_rejected
+    assert sample(metrics, "ccp_credentials_rejected") == 0
+    await control.set_faults()
+    assert (await source.mint(READ, "partner/v1")).scopes == READ
+
+
 async def test_two_secret_roll_switches_new_mints_to_the_new_secret(
     emu: EmulatorServer,
     control: EmulatorClient,
@@ -750,6 +854,50 @@ async def test_endpoint_faults_back_off_then_recover(
     token = await source.mint(READ, "partner/v1")
     assert token.scopes == READ
     assert source.health().backing_off_until is None and source.health().last_success_at == clock()
+
+
+async def test_a_concurrent_failure_without_retry_after_keeps_the_servers_longer_retry_after(
+    emu: EmulatorServer, control: EmulatorClient, session: aiohttp.ClientSession, clock: FakeClock
+) -> None:
+    source = make_source(emu.url, session, clock)
+    await source.discover()
+    await control.set_faults(token_latency_ms=300, token_status=429, token_count=1, token_retry_after=60)
+    told_to_wait = asyncio.create_task(source.mint(READ, "partner/v1"))  # 429, Retry-After: 60
+    await asyncio.sleep(0.1)
+    await control.set_faults(token_latency_ms=600, token_drop="before_headers", token_drop_count=1)
+    dropped = asyncio.create_task(source.mint(("accounts:read",), "partner/v1"))  # fails after it
+    for mint in (told_to_wait, dropped):
+        with pytest.raises(TokenUnavailable):
+            await mint
+    until = source.health().backing_off_until
+    assert until is not None and until - clock() == pytest.approx(60)
+
+
+async def test_one_burst_of_concurrent_failures_is_one_step_of_the_backoff(
+    emu: EmulatorServer,
+    control: EmulatorClient,
+    session: aiohttp.ClientSession,
+    clock: FakeClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Eight scope sets on the wire together, all answered 503: the endpoint failed once, as
+    far as the back-off knows; the next failure after the wait is the second step."""
+    source = make_source(emu.url, session, clock, max_mint_rate=9)
+    await source.discover()
+    await control.set_faults(token_status=503, token_count=9)
+    scope_sets = [(s,) for s in sorted(PARTNER_SCOPES)][:8]
+    mints = (source.mint(s, "partner/v1") for s in scope_sets)
+    results = await asyncio.gather(*mints, return_exceptions=True)
+    assert all(isinstance(r, TokenUnavailable) for r in results), results
+    assert (await control.stats())["token_requests"] == 8
+    steps = [r.failures for r in caplog.records if getattr(r, "event", None) == "mint_failed"]
+    assert steps == [1] * 8
+    until = source.health().backing_off_until
+    assert until is not None and until - clock() <= 1.0  # the first step's wait, not the eighth's
+    clock.advance(until - clock())
+    with pytest.raises(TokenUnavailable):
+        await source.mint(READ, "partner/v1")
+    assert [r.failures for r in caplog.records if getattr(r, "event", None) == "mint_failed"][-1] == 2
 
 
 async def test_emulator_load_with_faults_stays_under_the_ceiling(

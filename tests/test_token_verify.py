@@ -7,6 +7,7 @@ the Credicorp emulator (minted by ``TokenSource``, as in production).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -30,6 +31,7 @@ from proxy.settings import AuthSettings
 from proxy.tokens.credentials import CredentialProvider
 from proxy.tokens.source import TokenSource
 from proxy.tokens.verify import JwksUnavailable, JwtVerifier, TokenVerificationError, parse_jwks
+from tests.test_token_source import hanging_server
 
 ISSUER = "https://sso.credicorp.test"
 AUDIENCE = "partner/v1"
@@ -185,6 +187,24 @@ async def test_jwks_unavailable_without_cached_keys(
     served.status = 500
     with pytest.raises(JwksUnavailable):
         await verifier_for(session, uri, Clock()).verify(served.sign(), audience=AUDIENCE, scopes=())
+
+
+async def test_a_hung_jwks_fetch_is_shared_by_every_waiting_token(
+    keys: tuple[Keys, str], session: aiohttp.ClientSession
+) -> None:
+    """Concurrent verifications share one JWKS fetch and its failure: one timeout, not one each."""
+    served, _ = keys
+    async with hanging_server() as hung:
+        verifier = JwtVerifier(session, ISSUER, clock=Clock(), jwks_uri=hung.url + "/jwks", timeout_s=0.5)
+        started = time.monotonic()
+        results = await asyncio.gather(
+            *(verifier.verify(served.sign(), audience=AUDIENCE, scopes=()) for _ in range(6)),
+            return_exceptions=True,
+        )
+        elapsed = time.monotonic() - started
+    assert all(isinstance(r, JwksUnavailable) for r in results), results
+    assert hung.connections == 1 and verifier.fetches == 1
+    assert elapsed < 1.5
 
 
 def test_only_p256_signing_keys_are_taken_from_a_jwks() -> None:

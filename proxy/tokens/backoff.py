@@ -120,20 +120,34 @@ class Backoff:
         self._base, self._factor, self._cap = base, factor, cap
         self.failures = 0
         self.until: float | None = None
+        self._counted_at: float | None = None  # when the last failure that counted was recorded
 
-    def failure(self, now: float, floor: float | None = None) -> float:
-        """Record a failure; returns the delay before the next attempt."""
+    def failure(self, now: float, floor: float | None = None, *, started: float | None = None) -> float:
+        """Record a failure of a call that started at ``started``; returns the delay before the next.
+
+        A call that was already on its way when the last failure was counted belongs to
+        the same burst: it saw nothing the counted one did not, so it does not escalate
+        the back-off (eight scope sets failing together are one failure, not eight).
+        Its Retry-After still counts. The back-off only ever grows here: a concurrent
+        failure without Retry-After must not cut short a longer wait the server asked for.
+        """
+        if started is not None and self._counted_at is not None and started <= self._counted_at:
+            if floor is not None:
+                self.until = max(now + floor, self.until or now)
+            return max(0.0, (self.until or now) - now)
+        self._counted_at = now
         ceiling = min(self._cap, self._base * self._factor ** min(self.failures, 64))
         delay = max(self._base, self._rng.uniform(0.0, ceiling))
         if floor is not None:
             delay = max(delay, floor)
         self.failures += 1
-        self.until = now + delay
-        return delay
+        self.until = max(now + delay, self.until or now)
+        return self.until - now
 
     def success(self) -> None:
         self.failures = 0
         self.until = None
+        self._counted_at = None
 
     def remaining(self, now: float) -> float:
         """Seconds left to wait, 0 when not backing off."""
@@ -209,6 +223,16 @@ class EndpointFailure(Exception):
         self.retry_after, self.status = retry_after, status
 
     @property
+    def endpoint_may_have_moved(self) -> bool:
+        """Whether discovery should be re-read: the answer may not be from the token endpoint.
+
+        True for a transient failure and for an HTTP error with no OAuth error code (a
+        404 or a redirect from a moved endpoint). An OAuth error (``invalid_request`` ...)
+        came from the token endpoint itself, so re-reading discovery would not help.
+        """
+        return self.kind is ErrorClass.TRANSIENT or self.label in ("http_3xx", "http_4xx")
+
+    @property
     def result(self) -> str:
         """The ``token_mints{result}`` value of this failure."""
         if self.kind is ErrorClass.REJECTED:
@@ -270,8 +294,13 @@ class MintGate:
             return "local_backoff", TokenUnavailable("the token endpoint is failing; backing off", wait)
         return None
 
-    def record_failure(self, generation: int, key: CacheKey, failure: EndpointFailure) -> Backoff | None:
-        """Apply a failure; returns the backoff it advanced (its ``until`` says how long), if any."""
+    def record_failure(
+        self, generation: int, key: CacheKey, failure: EndpointFailure, started: float | None = None
+    ) -> Backoff | None:
+        """Apply a failure of a call that started at ``started``; returns the backoff it advanced, if any.
+
+        The backoff's ``until`` says how long; see ``Backoff.failure`` for why ``started`` matters.
+        """
         now = self._clock()
         if failure.kind is ErrorClass.REJECTED:
             self._rejected_generation = generation
@@ -283,7 +312,7 @@ class MintGate:
             state = self._key_backoff.setdefault(key, Backoff(self._rng))
         else:
             state = self.backoff
-        state.failure(now, failure.retry_after)
+        state.failure(now, failure.retry_after, started=started)
         return state
 
     def record_success(self, key: CacheKey) -> int:

@@ -30,7 +30,7 @@ import random
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
-from proxy.errors import ProxyError, TokenError
+from proxy.errors import ProxyError, TokenError, TokenUnavailable
 from proxy.metrics import Metrics
 from proxy.settings import RefreshSettings
 from proxy.tokens.cache import MemoryTokenCache, TokenCache
@@ -111,7 +111,7 @@ class TokenManager:
             self._metrics.token_age_at_use.observe(now - token.issued_at)
             return token
         self._memory_miss.inc()
-        return await self._await_flight(key, None)
+        return self._sendable(key, await self._await_flight(key, None))
 
     async def replace(self, key: CacheKey, rejected: Token) -> Token:
         """After an upstream 401: purge ``rejected`` if still cached, get a new token once.
@@ -119,7 +119,8 @@ class TokenManager:
         Every request that saw the same token rejected joins one flight, and a
         request arriving after the flight landed simply picks up its token.
         """
-        await self.memory.purge_if_same(key, rejected)
+        for held in (key, *self._earlier_generation_keys(key)):  # it may be a previous secret's token
+            await self.memory.purge_if_same(held, rejected)
         if self._shared is not None:
             await self._shared.purge_if_same(key, rejected)
         current = self.memory.peek(key)
@@ -132,7 +133,20 @@ class TokenManager:
         token = await self._await_flight(key, rejected)
         if token.same_as(rejected):  # joined a refresh that started before the purge
             token = await self._await_flight(key, rejected)
-        return token
+        return self._sendable(key, token)
+
+    def _sendable(self, key: CacheKey, token: Token) -> Token:
+        """``token`` if it may still be sent now, else the error a caller with no token gets.
+
+        A flight can outlive the token it lands with (a mint slower than what is left of the
+        lifetime, or a request that joined a long flight late): the time that matters is the
+        moment the token leaves for the API, not the moment the flight chose it.
+        """
+        if self.usable(token, self._clock()):
+            return token
+        raise TokenUnavailable(
+            f"no valid token for scope set '{key.scope_label}'; it ran out while being fetched"
+        )
 
     # ------------------------------------------------------------- freshness
     def usable(self, token: Token, now: float) -> bool:
@@ -188,12 +202,12 @@ class TokenManager:
                 return shared
             fallback = fallback or shared
         if self._shared is None:
-            return await self._mint(key, fallback)
+            return await self._mint(key, fallback, rejected)
         async with self._shared.lease(key):
             shared = await self._shared_token(key, rejected)  # the lease holder before us may have minted
             if shared is not None and self.is_fresh(shared, self._clock()):
                 return shared
-            return await self._mint(key, fallback)
+            return await self._mint(key, fallback, rejected)
 
     def _usable_memory(self, key: CacheKey, rejected: Token | None) -> Token | None:
         token = self.memory.peek(key)
@@ -213,21 +227,54 @@ class TokenManager:
         await self._store_memory(key, token)
         return token
 
-    async def _mint(self, key: CacheKey, fallback: Token | None) -> Token:
+    async def _mint(self, key: CacheKey, fallback: Token | None, rejected: Token | None) -> Token:
         try:
             token = await self._source.mint(key.scopes, key.audience)
         except TokenError:
-            if fallback is not None:
-                log.warning(
-                    "token endpoint failing; serving the still-valid cached token",
-                    extra={"event": "serve_stale", "scopes": key.scope_label},
-                )
-                return fallback
-            raise
+            chosen = self._fallback_now(key, fallback, rejected)
+            if chosen is None:
+                raise
+            log.warning(
+                "token endpoint failing; serving the still-valid cached token",
+                extra={
+                    "event": "serve_stale",
+                    "scopes": key.scope_label,
+                    "previous_secret": chosen is not fallback,
+                },
+            )
+            return chosen
         await self._store_memory(key, token)
         if self._shared is not None:
             await self._shared.put(key, token)
         return token
+
+    def _fallback_now(self, key: CacheKey, fallback: Token | None, rejected: Token | None) -> Token | None:
+        """What to serve when the mint failed, judged now: a long mint may have outlived ``fallback``."""
+        if fallback is not None and self.usable(fallback, self._clock()):
+            return fallback
+        return self._earlier_generation_token(key, rejected)
+
+    def _earlier_generation_keys(self, key: CacheKey) -> list[CacheKey]:
+        """Keys in memory for the same client, audience and scope set under an earlier secret."""
+        same = (key.client_id, key.audience, key.scopes)
+        return [
+            held
+            for held in self.memory.keys()
+            if held.fingerprint != key.fingerprint and (held.client_id, held.audience, held.scopes) == same
+        ]
+
+    def _earlier_generation_token(self, key: CacheKey, rejected: Token | None) -> Token | None:
+        """The longest-lived usable token minted with an earlier secret for ``key``'s scope set.
+
+        Credicorp keeps tokens valid until they expire when a secret changes, so after a
+        rotation to a secret the token endpoint refuses (deployed before it was registered)
+        or while the endpoint is down, the previous secret's tokens still serve their routes.
+        They are never stored under the new key, and one the API refused is not chosen.
+        """
+        now = self._clock()
+        held = (self.memory.peek(k) for k in self._earlier_generation_keys(key))
+        usable = [t for t in held if t is not None and not t.same_as(rejected) and self.usable(t, now)]
+        return max(usable, key=lambda t: t.expires_at, default=None)
 
     async def _store_memory(self, key: CacheKey, token: Token) -> None:
         await self.memory.put(key, token)
@@ -257,7 +304,8 @@ class TokenManager:
                 left = max(0.0, token.expires_at - now)
                 self._metrics.token_ttl.labels(key.scope_label, key.audience).set(left)
             if key not in self._flights and (token is None or now >= self.refresh_at(token)):
-                self._start_flight(key, None).add_done_callback(functools.partial(self._count_refresh, key))
+                counted = functools.partial(self._count_refresh, key, token)
+                self._start_flight(key, None).add_done_callback(counted)
                 started += 1
         return started
 
@@ -272,9 +320,19 @@ class TokenManager:
             with contextlib.suppress(KeyError):
                 self._metrics.token_ttl.remove(*labels)
 
-    def _count_refresh(self, key: CacheKey, done: asyncio.Task[Token]) -> None:
-        """Count and log one background refresh (the token event operators look for)."""
+    def _count_refresh(self, key: CacheKey, before: Token | None, done: asyncio.Task[Token]) -> None:
+        """Count and log one background refresh (the token event operators look for).
+
+        A refresh succeeded only if ``key`` now holds a token other than the one it had. A
+        flight that lands with the very token it set out to replace (the mint failed and the
+        still-valid token was kept, ``serve_stale``), or with a previous secret's token that
+        is never stored under ``key``, refreshed nothing. That is an error, or the refresh
+        metric would read healthy while tokens run out.
+        """
         failed = done.cancelled() or done.exception() is not None
+        if not failed:
+            landed = done.result()
+            failed = landed.same_as(before) or not landed.same_as(self.memory.peek(key))
         result = "error" if failed else "ok"
         self._metrics.token_refreshes.labels(result).inc()
         log.log(

@@ -76,6 +76,15 @@ class Token:
 
     ``issued_at``/``expires_at`` are epoch seconds of the proxy's clock, so
     freshness is decided locally and tests move the clock instead of sleeping.
+    ``issued_at`` is stamped when the mint POST starts (the safe side for expiry).
+
+    ``received_at`` is when *this replica* had the minted token in hand (the
+    response received and verified): the moment it became available to requests,
+    so a request that joined the mint after the POST started still knows the token
+    is newer than itself. It is local knowledge: not compared, not stored in Redis.
+    A token read from the shared tier has none (``None``), even if another replica
+    minted it a moment ago: this replica cannot tell that from another clock, and a
+    Redis copy may be an old, revoked token that a purge and one re-mint would fix.
     """
 
     value: str = field(repr=False)
@@ -83,6 +92,7 @@ class Token:
     expires_at: float
     scopes: tuple[str, ...]
     audience: str
+    received_at: float | None = field(default=None, compare=False, repr=False)
     #: Identifies this token (compare-and-purge, logs, Redis) without revealing it. Computed
     #: once here because the request path reads it on every request.
     digest: str = field(init=False, repr=False, compare=False)
@@ -96,6 +106,14 @@ class Token:
 
     def is_expired(self, now: float) -> bool:
         return now >= self.expires_at
+
+    def received_since(self, moment: float) -> bool:
+        """True if this replica received this token from the token endpoint at or after ``moment``.
+
+        The 401 retry asks this: a token minted during the very request it failed
+        for is not a stale-cache problem, so purging it and minting again would not help.
+        """
+        return self.received_at is not None and self.received_at >= moment
 
     def same_as(self, other: Token | None) -> bool:
         return other is not None and hmac.compare_digest(self.value, other.value)

@@ -11,6 +11,7 @@ must look like on the wire is decided in ``wire.py``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
@@ -25,6 +26,7 @@ from proxy.errors import ProxyError, TokenUnavailable
 from proxy.metrics import Metrics
 from proxy.settings import AuthSettings
 from proxy.tokens import backoff as policy
+from proxy.tokens.attempt import SharedAttempt
 from proxy.tokens.backoff import EndpointFailure, ErrorClass
 from proxy.tokens.credentials import CredentialProvider
 from proxy.tokens.model import CacheKey, Credentials, Token
@@ -86,7 +88,7 @@ class TokenSource:
         self._limiter = policy.MintRateLimiter(auth.max_mint_rate, clock, sleep)
         self._discovery: Discovery | None = None
         self._discovery_stale = False
-        self._discovery_lock = asyncio.Lock()
+        self._discovery_fetch: SharedAttempt[Discovery] = SharedAttempt()
         self._last_error: str | None = None
         self._last_success_at: float | None = None
         self._timeout = aiohttp.ClientTimeout(total=auth.timeout_s)
@@ -99,26 +101,29 @@ class TokenSource:
         creds = self._credentials.current()
         key = CacheKey.create(creds, scopes, audience)
         self._refuse_early(creds, key)
+        started = self._clock()
         try:
             endpoint = await self._token_endpoint()
         except EndpointFailure as failure:
-            raise self._failed(creds, key, failure, called=False) from None
+            raise self._failed(creds, key, failure, called=False, started=started) from None
         await self._acquire_slot(key)
         self._refuse_early(creds, key)  # another mint may have failed while we queued
+        started = self._clock()
         try:
             return await self._request(endpoint, creds, key)
         except EndpointFailure as failure:
-            raise self._failed(creds, key, failure, called=True) from None
+            raise self._failed(creds, key, failure, called=True, started=started) from None
 
     async def discover(self) -> Discovery:
         """The discovery document: cached, re-read after a token-endpoint failure."""
+        started = self._clock()
         try:
             return await self._discover()
         except EndpointFailure as failure:
             self._count_error(failure.label)
             self._last_error = failure.label
             state = self._gate.backoff
-            state.failure(self._clock())
+            state.failure(self._clock(), started=started)
             raise TokenUnavailable(failure.description, state.remaining(self._clock())) from None
 
     async def jwks_uri(self) -> str:
@@ -160,13 +165,16 @@ class TokenSource:
         return (await self._discover()).token_endpoint
 
     async def _discover(self) -> Discovery:
-        async with self._discovery_lock:
-            now, cached = self._clock(), self._discovery
-            if cached and not self._discovery_stale and now - cached.fetched_at < DISCOVERY_TTL_S:
-                return cached
-            self._discovery = await self._fetch_discovery(now)
-            self._discovery_stale = False
-            return self._discovery
+        """The cached document, or the one fetch in progress (shared, failure included)."""
+        cached = self._discovery
+        if cached and not self._discovery_stale and self._clock() - cached.fetched_at < DISCOVERY_TTL_S:
+            return cached
+        return await self._discovery_fetch.run(self._read_discovery)
+
+    async def _read_discovery(self) -> Discovery:
+        discovery = await self._fetch_discovery(self._clock())
+        self._discovery, self._discovery_stale = discovery, False
+        return discovery
 
     async def _fetch_discovery(self, now: float) -> Discovery:
         issuer = self._auth.issuer
@@ -205,6 +213,7 @@ class TokenSource:
         token = parse_token_response(body, key, issued_at, self._auth.default_expires_in)
         _log_scope_difference(key, token.scopes)
         await self._verify(token)
+        token = dataclasses.replace(token, received_at=self._clock())  # in hand now, see Token
         self._succeeded(key, token, time.monotonic() - started)
         return token
 
@@ -268,13 +277,15 @@ class TokenSource:
         )
 
     def _failed(
-        self, creds: Credentials, key: CacheKey, failure: EndpointFailure, *, called: bool
+        self, creds: Credentials, key: CacheKey, failure: EndpointFailure, *, called: bool, started: float
     ) -> ProxyError:
-        """Count, log and apply a failure; returns the error the caller sees."""
-        self._last_error = failure.label
+        """Count, log and apply a failure of a call begun at ``started``; returns the caller's error."""
         self._count_error(failure.label)
         self._count(key, failure.result if called else "error")
-        state = self._gate.record_failure(creds.generation, key, failure)
+        if failure.kind is ErrorClass.REJECTED and self._superseded(creds):
+            return self._rejected_after_rotation(creds)
+        self._last_error = failure.label
+        state = self._gate.record_failure(creds.generation, key, failure, started)
         if failure.kind is ErrorClass.REJECTED:
             return self._latched(creds)
         if state is None:  # invalid_scope: a route-table problem, remembered for a while
@@ -287,8 +298,8 @@ class TokenSource:
                 audience=key.audience,
             )
             return policy.scope_not_granted_error(key)
-        if state is self._gate.backoff:
-            self._discovery_stale = True  # the endpoint may have moved
+        if failure.endpoint_may_have_moved:
+            self._discovery_stale = True
         delay = state.remaining(self._clock())
         _event(
             logging.ERROR if failure.kind is ErrorClass.CONFIG else logging.WARNING,
@@ -311,6 +322,27 @@ class TokenSource:
                 applies_to="all" if state is self._gate.backoff else key.scope_label,
             )
         return TokenUnavailable(f"{failure.description}; retrying in {delay:.1f}s", delay)
+
+    def _superseded(self, creds: Credentials) -> bool:
+        """A newer secret arrived while this mint was on the wire."""
+        return creds.generation != self._credentials.current().generation
+
+    def _rejected_after_rotation(self, creds: Credentials) -> ProxyError:
+        """invalid_client for a secret already replaced: says nothing about the current one.
+
+        Latching it (or raising ``ccp_credentials_rejected``) would report the new secret as
+        rejected, with no further change of secret to clear the alert.
+        """
+        _event(
+            logging.WARNING,
+            "client credentials rejected for a secret already replaced; the current one is not latched",
+            "credentials_rejected_superseded",
+            client_id=creds.client_id,
+            fingerprint=creds.fingerprint,
+            generation=creds.generation,
+            current_generation=self._credentials.current().generation,
+        )
+        return policy.credentials_rejected_error()
 
     def _latched(self, creds: Credentials) -> ProxyError:
         if self._metrics is not None:

@@ -8,7 +8,6 @@ injected clock, never PyJWT's own ``time.time()``, so tests move time.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -16,6 +15,8 @@ from typing import Any
 
 import aiohttp
 import jwt
+
+from proxy.tokens.attempt import SharedAttempt
 
 Clock = Callable[[], float]
 JwksUriProvider = Callable[[], Awaitable[str]]
@@ -119,7 +120,7 @@ class JwtVerifier:
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._keys: dict[str, jwt.PyJWK] = {}
         self._fetched_at: float | None = None
-        self._lock = asyncio.Lock()
+        self._refreshing: SharedAttempt[None] = SharedAttempt()
         self.fetches = 0
 
     @property
@@ -187,23 +188,28 @@ class JwtVerifier:
             raise TokenVerificationError("token not valid yet (nbf)")
 
     async def _key_for(self, kid: str) -> jwt.PyJWK:
-        """The key for ``kid``: from the cache, after a TTL refresh, or after an unknown-kid refetch."""
-        async with self._lock:
-            now = self._clock()
-            if self._fetched_at is None or now - self._fetched_at >= self._ttl:
-                await self._refresh(keep_stale=True)
-            elif kid not in self._keys and now - self._fetched_at >= self._min_refetch:
-                await self._refresh(keep_stale=True)
+        """The key for ``kid``: from the cache, after a TTL refresh, or after an unknown-kid refetch.
+
+        Concurrent callers share one refresh (and its failure), never queue for one each.
+        """
+        if self._refresh_due(kid, self._clock()):
+            await self._refreshing.run(self._refresh)
         key = self._keys.get(kid)
         if key is None:
             raise TokenVerificationError("token signed with an unknown key (kid)")
         return key
 
-    async def _refresh(self, *, keep_stale: bool) -> None:
+    def _refresh_due(self, kid: str, now: float) -> bool:
+        if self._fetched_at is None or now - self._fetched_at >= self._ttl:
+            return True
+        return kid not in self._keys and now - self._fetched_at >= self._min_refetch
+
+    async def _refresh(self) -> None:
+        """Fetch the keys; a failure keeps the previous ones, if there are any."""
         try:
             keys = await self._fetch()
         except JwksUnavailable:
-            if not (keep_stale and self._keys):
+            if not self._keys:
                 raise
             self._fetched_at = self._clock()  # retry after min_refetch/ttl, not on every token
             return
