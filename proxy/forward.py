@@ -326,8 +326,9 @@ class Forwarder:
         if "insufficient_scope" not in challenge:
             return
         match = _WWW_AUTH_SCOPE.search(challenge)
-        needed = match.group(1) if match else ""
-        label = needed if needed in KNOWN_SCOPES else "unknown"
+        needed = sorted(set(match.group(1).split())) if match else []
+        # The label is a scope set of the catalogue (bounded), never free text from the wire.
+        label = " ".join(needed) if needed and KNOWN_SCOPES.issuperset(needed) else "unknown"
         self._metrics.insufficient_scope.labels(route.label, label).inc()
         log.warning(
             "upstream says the route's scope set is not enough; fix the route table",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import copy
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -128,3 +130,21 @@ async def raw_request(url: str, request: bytes) -> bytes:
         return await asyncio.wait_for(reader.read(65536), 5)
     finally:
         writer.close()
+
+
+@contextlib.asynccontextmanager
+async def fixed_upstream(response: bytes) -> AsyncIterator[str]:
+    """An API stand-in that answers every request with ``response``, then closes."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(response)
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()

@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 
 from proxy.emulator.app import EmulatorServer
-from tests.proxy_fixtures import StartProxy, emulator_requests, raw_request
+from tests.proxy_fixtures import StartProxy, emulator_requests, fixed_upstream, raw_request
 
 DOC = "/partner/v1/applications/app_demo_001/documents"
 DECISION = "/partner/v1/decisions/dec_demo_001"
@@ -124,24 +124,6 @@ async def test_a_retry_buffer_above_one_mib_keeps_bodies_up_to_it(
 
 
 # ------------------------------------------------- response transfer codings
-
-
-@contextlib.asynccontextmanager
-async def fixed_upstream(response: bytes) -> AsyncIterator[str]:
-    """An API stand-in that answers every request with ``response``, then closes."""
-
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
-            await reader.readuntil(b"\r\n\r\n")
-            writer.write(response)
-            await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(answer, "127.0.0.1", 0)
-    try:
-        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    finally:
-        server.close()
 
 
 async def test_a_response_coded_beyond_chunked_is_refused_not_relayed_without_its_coding(

@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy import __version__
 from proxy.app import ProxyServer
 from proxy.emulator.app import EmulatorServer
-from tests.proxy_fixtures import TEST_ROUTES, StartProxy, set_faults
+from tests.proxy_fixtures import TEST_ROUTES, StartProxy, fixed_upstream, set_faults
 
 DECISION = "/partner/v1/decisions/dec_demo_001"
 APPLICATION = "/partner/v1/applications/app_demo_001"
@@ -228,6 +228,29 @@ async def test_insufficient_scope_is_counted_by_route_and_needed_scope(
         assert "X-Credicorp-Proxy-Error" not in resp.headers  # the API's answer, unchanged
     m = await scrape(http, proxy)
     assert m.value("ccp_insufficient_scope_total", route="identity.misconfigured", scope="identity:read") == 1
+
+
+@pytest.mark.parametrize(
+    ("challenge", "label"),
+    [
+        ('scope="decisions:read applications:read"', "applications:read decisions:read"),
+        ('scope="decisions:read no:such"', "unknown"),  # free text never becomes a label
+    ],
+    ids=["two-scopes", "not-in-catalogue"],
+)
+async def test_insufficient_scope_naming_several_scopes_is_labelled_with_the_sorted_set(
+    start_proxy: StartProxy, http: aiohttp.ClientSession, challenge: str, label: str
+) -> None:
+    answer = (
+        'HTTP/1.1 403 Forbidden\r\nWWW-Authenticate: Bearer error="insufficient_scope", '
+        + challenge
+        + "\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    async with fixed_upstream(answer.encode()) as url:
+        proxy = await start_proxy({"upstream": {"url": url}})
+        assert await get(http, proxy.proxy_url + DECISION) == 403
+    m = await scrape(http, proxy)
+    assert m.value("ccp_insufficient_scope_total", route="decisions.read", scope=label) == 1
 
 
 # ----------------------------------------------------- static families
