@@ -24,6 +24,7 @@ from proxy.config_report import Report, key_path
 from proxy.routes import show
 from proxy.scopes import KNOWN_AUDIENCES
 from proxy.settings import ListenAddress
+from proxy.tokens.sealing import Keyring, SealingKeyError
 
 _TRUE: Final = frozenset({"true", "1", "yes", "on"})
 _FALSE: Final = frozenset({"false", "0", "no", "off"})
@@ -102,8 +103,20 @@ def check_values(
         check = _VALUE_CHECKS.get(path)
         if value is not None and check is not None and (message := check(value)):
             report.problem(where[path], message)
-        if check_files and path in _FILES and value is not None and not os.access(value, os.R_OK):
-            report.problem(where[path], f"cannot read {show(value)}")
+        if check_files and path in _FILES and value is not None:
+            if not os.access(value, os.R_OK):
+                report.problem(where[path], f"cannot read {show(value)}")
+            elif (content_check := _FILE_CONTENT_CHECKS.get(path)) and (message := content_check(value)):
+                report.problem(where[path], message)
+
+
+def _check_key_file(path: str) -> str | None:
+    """A key file that reads but cannot be used fails validation, not start-up with a traceback."""
+    try:
+        Keyring.from_file(path)
+    except SealingKeyError as exc:  # names the file and line, never key material
+        return str(exc)
+    return None
 
 
 # ------------------------------------------------------------ value checks
@@ -251,3 +264,6 @@ _VALUE_CHECKS: Final[dict[str, Callable[[Any], str | None]]] = {
     "shutdown_grace_s": _NON_NEGATIVE,
 }
 _FILES: Final = ("upstream.ca_file", "auth.ca_file", "auth.client_secret_file", "cache.encryption_key_file")
+_FILE_CONTENT_CHECKS: Final[dict[str, Callable[[str], str | None]]] = {
+    "cache.encryption_key_file": _check_key_file,
+}

@@ -199,3 +199,22 @@ def test_flush_against_an_unreachable_redis_fails_loudly(tmp_path: Path) -> None
     assert "dropped" not in result.stdout
     assert "hunter2-pass" not in result.stdout + result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", ["run", "flush", "check-config"])
+def test_a_malformed_encryption_key_file_is_a_config_error_not_a_traceback(
+    tmp_path: Path, command: str
+) -> None:
+    key_file = tmp_path / "cache-key"
+    key_file.write_text("k1:this is not base64!!\n")
+    config = tmp_path / "sealed.yaml"
+    config.write_text(
+        "auth: {issuer: 'http://127.0.0.1:9', client_id: cc_client_demo, client_secret: s3cr3t-value}\n"
+        f"cache: {{url: 'redis://127.0.0.1:{free_port()}/0', encryption_key_file: '{key_file}'}}\n"
+        "routes: [{methods: [GET], path: /partner/v1/decisions/**, scopes: [decisions:read]}]\n"
+    )
+    strict = ["--strict"] if command == "check-config" else []
+    result = cli(command, *strict, "-c", str(config))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"cache.encryption_key_file: {key_file}:1: not valid base64" in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr

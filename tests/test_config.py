@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import copy
 import dataclasses
 from pathlib import Path
@@ -531,6 +532,10 @@ def test_named_files_must_be_readable_unless_file_checks_are_off(tmp_path: Path)
     ]
     write(tmp_path / "s", "secret")
     write(tmp_path / "k", "key")
+    with pytest.raises(ConfigError) as err:  # readable but unusable: refused here, not at start-up
+        parse_config(raw, {})
+    assert err.value.problems == [f"cache.encryption_key_file: {tmp_path / 'k'}:1: not valid base64"]
+    (tmp_path / "k").write_text(base64.b64encode(bytes(32)).decode())
     settings = parse_config(raw, {})
     assert settings.auth.client_secret is None, "the secret is read at run time, never stored in Settings"
     assert parse_config(with_key(raw, "upstream.ca_file", "/nonexistent"), {}, check_files=False)

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from proxy.errors import ConfigError
 from proxy.metrics import Metrics
 from proxy.settings import CacheSettings
 from proxy.tokens.model import CacheKey, Credentials, Token
@@ -114,7 +115,7 @@ def test_a_bad_key_file_names_the_line_and_never_the_key(text: str, problem: str
 
 def test_an_unreadable_key_file_fails_at_start_up(tmp_path: Path) -> None:
     settings = CacheSettings(url="redis://127.0.0.1:1/0", encryption_key_file=str(tmp_path / "missing"))
-    with pytest.raises(SealingKeyError, match="cannot read"):
+    with pytest.raises(ConfigError, match=r"cache\.encryption_key_file: .*cannot read"):
         RedisTokenCache.from_settings(settings, clock=time.time, metrics=Metrics())
 
 

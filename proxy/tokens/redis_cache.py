@@ -51,10 +51,11 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import LockError, RedisClusterException, RedisError, ResponseError
 
+from proxy.errors import ConfigError
 from proxy.metrics import Metrics
 from proxy.settings import CacheSettings
 from proxy.tokens.model import CacheKey, Token
-from proxy.tokens.sealing import Keyring, TokenCodec
+from proxy.tokens.sealing import Keyring, SealingKeyError, TokenCodec
 
 log = logging.getLogger("proxy.tokens.redis")
 
@@ -234,7 +235,10 @@ class RedisTokenCache:
         cls, cache: CacheSettings, *, clock: Clock, metrics: Metrics, **tuning: float
     ) -> RedisTokenCache:
         """Build from config; reads the key file now so a bad key fails start-up, not a request."""
-        keyring = Keyring.from_file(cache.encryption_key_file) if cache.encryption_key_file else None
+        try:
+            keyring = Keyring.from_file(cache.encryption_key_file) if cache.encryption_key_file else None
+        except SealingKeyError as exc:  # changed since validation: still a config error, not a crash
+            raise ConfigError([f"cache.encryption_key_file: {exc}"]) from None
         return cls(
             connect(cache.url, cache.timeout_s),
             prefix=cache.key_prefix,
