@@ -41,7 +41,7 @@ LABEL org.opencontainers.image.title="credicorp-token-proxy" \
       org.opencontainers.image.base.name="docker.io/library/python:3.11.11-slim-bookworm"
 
 # Nothing is written at run time outside /tmp (mount a tmpfs / emptyDir there):
-# no .pyc files next to the code, no pip cache, unbuffered JSON logs on stdout.
+# no .pyc files next to the code, no pip cache, unbuffered JSON logs on stderr.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
