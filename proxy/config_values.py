@@ -21,13 +21,10 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 from proxy.config_report import Report, key_path
-from proxy.routes import show
+from proxy.routes import parse_bool, show
 from proxy.scopes import KNOWN_AUDIENCES
 from proxy.settings import ListenAddress
 from proxy.tokens.sealing import Keyring, SealingKeyError
-
-_TRUE: Final = frozenset({"true", "1", "yes", "on"})
-_FALSE: Final = frozenset({"false", "0", "no", "off"})
 
 
 # ------------------------------------------------------------- coercion
@@ -57,11 +54,7 @@ def _expect_str(value: Any) -> str:
 
 
 def _to_bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-        return value.strip().lower() in _TRUE
-    raise ValueError(f"expected true or false, got {show(value)}")
+    return parse_bool(value)
 
 
 def _to_number(kind: type[int] | type[float]) -> Callable[[Any], Any]:

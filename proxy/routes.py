@@ -322,6 +322,22 @@ def show(value: object) -> str:
     return '"' + value.replace('"', '\\"') + '"' if isinstance(value, str) else repr(value)
 
 
+_TRUE: Final = frozenset({"true", "1", "yes", "on"})
+_FALSE: Final = frozenset({"false", "0", "no", "off"})
+
+
+def parse_bool(value: object) -> bool:
+    """A YAML boolean, or its text from ``${VAR}`` or a ``CCP_`` variable.
+
+    Text accepted: true/false, 1/0, yes/no, on/off, in any case.
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ValueError(f"expected true or false, got {show(value)}")
+
+
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """A difflib suggestion for a misspelt key, method or scope ("" when nothing is close)."""
     close = difflib.get_close_matches(word, sorted(choices), n=1, cutoff=0.6)
@@ -429,9 +445,11 @@ def _choice(raw: Any, choices: frozenset[str], where: str, found: _Findings) -> 
 
 
 def _flag(raw: Any, where: str, found: _Findings) -> bool:
-    if not isinstance(raw, bool):
-        found.problem(where, f"expected true or false, got {show(raw)}")
-    return raw is True
+    try:
+        return parse_bool(raw)  # interpolated ``${VAR}`` values arrive as text
+    except ValueError as exc:
+        found.problem(where, str(exc))
+        return False
 
 
 def _check_scopes_for_methods(

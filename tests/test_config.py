@@ -226,7 +226,7 @@ BAD_VALUES = [
         "has space",
         'routes[0].name: expected a label matching [A-Za-z0-9][A-Za-z0-9_.:-]*, got "has space"',
     ),
-    ("routes.0.prefetch", "yes", 'routes[0].prefetch: expected true or false, got "yes"'),
+    ("routes.0.prefetch", "sometimes", 'routes[0].prefetch: expected true or false, got "sometimes"'),
     ("routes.0.scope", ["decisions:read"], 'routes[0].scope: unknown key (did you mean "scopes"?)'),
     (
         "routes.0.scopes",
@@ -393,6 +393,12 @@ def test_every_settings_field_has_a_ccp_variable() -> None:
         "CCP_CACHE_ENCRYPTION_KEY_FILE",
         "CCP_REFRESH_AT_FRACTION",
     } <= set(names)
+
+
+def test_route_flags_take_interpolated_booleans_like_every_other_key() -> None:
+    raw = with_key(minimal(), "routes.0.prefetch", "${ROUTE_PREFETCH:-false}")
+    assert parse(raw, {"ROUTE_PREFETCH": "true"}).routes[0].prefetch is True
+    assert parse(raw, {}).routes[0].prefetch is False
 
 
 def test_environment_wins_over_the_file_and_is_coerced() -> None:
