@@ -7,6 +7,7 @@ ends in a plain message and a non-zero exit code, never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -15,12 +16,15 @@ from proxy.errors import ConfigError
 
 
 def _add_config(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """``-c FILE``, defaulting to ``$CCP_CONFIG`` (an image can name its file once, in ENV)."""
+    default = os.environ.get("CCP_CONFIG") or None
     parser.add_argument(
         "-c",
         "--config",
-        required=required,
+        required=required and default is None,
+        default=default,
         metavar="FILE",
-        help="YAML config (CCP_* environment variables override its keys)",
+        help="YAML config (default: $CCP_CONFIG; CCP_* environment variables override its keys)",
     )
 
 

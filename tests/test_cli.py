@@ -218,3 +218,11 @@ def test_a_malformed_encryption_key_file_is_a_config_error_not_a_traceback(
     assert result.returncode == 2, result.stdout + result.stderr
     assert f"cache.encryption_key_file: {key_file}:1: not valid base64" in result.stdout + result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_ccp_config_names_the_file_when_c_is_not_given() -> None:
+    result = cli("check-config", env={"CCP_CONFIG": "config/demo.yaml"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith("Config OK") and "127.0.0.1:8444" in result.stdout
+    missing = cli("check-config", env={"CCP_CONFIG": "/nonexistent/ccp.yaml"})
+    assert missing.returncode != 0 and "/nonexistent/ccp.yaml" in missing.stderr
