@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from proxy.app import ProxyServer, open_shared_cache
-from proxy.config import load_config, parse_config
+from proxy.config import load_config, parse_config, read_yaml
 from proxy.inspect_config import mask_password, render_check, render_explain
 from proxy.logs import configure_logging
 from proxy.metrics import Metrics
@@ -127,11 +127,7 @@ def check_config(args: argparse.Namespace) -> int:
         settings = load_config(args.config)
         print(render_check(settings))
         return 0
-    env = dict(os.environ)
-    with open(args.config, encoding="utf-8") as handle:
-        needed = sorted({n for n in _ENV_REFERENCE.findall(handle.read()) if n not in env})
-    env.update({name: f"unset-{name}" for name in needed})
-    settings = load_config(args.config, env, check_files=False)
+    settings, needed = _load_as_template(args.config)
     own_warnings = tuple(w for w in settings.warnings if '"unset-' not in w)  # not about placeholders
     print(render_check(dataclasses.replace(settings, warnings=own_warnings)))
     if needed:
@@ -139,8 +135,33 @@ def check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_as_template(path: str) -> tuple[Settings, list[str]]:
+    """The config as it will be where it runs: ``${VAR}``s unset here get placeholders, files are
+    not opened. Returns the settings and the variables that must be set there.
+
+    The names come from the parsed values, so a ``${VAR}`` in a YAML comment is not one.
+    """
+    env = dict(os.environ)
+    needed = sorted({n for n in _references(read_yaml(path)) if n not in env})
+    env.update({name: f"unset-{name}" for name in needed})
+    return load_config(path, env, check_files=False), needed
+
+
+def _references(node: object) -> set[str]:
+    """Every ``${VAR}`` name (without a default) in the string values of a parsed YAML tree."""
+    if isinstance(node, str):
+        return set(_ENV_REFERENCE.findall(node))
+    if isinstance(node, dict):
+        return set().union(*(_references(v) for v in node.values()))
+    if isinstance(node, list):
+        return set().union(*(_references(v) for v in node))
+    return set()
+
+
 def explain(args: argparse.Namespace) -> int:
-    settings = load_config(args.config)
+    """Which route a request takes. Template mode like ``check-config``: explaining the shipped
+    production config on a laptop must not need the pod's secret file or environment."""
+    settings, _ = _load_as_template(args.config)
     text, code = render_explain(settings, args.method, args.path)
     print(text)
     return code

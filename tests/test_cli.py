@@ -226,3 +226,35 @@ def test_ccp_config_names_the_file_when_c_is_not_given() -> None:
     assert result.stdout.startswith("Config OK") and "127.0.0.1:8444" in result.stdout
     missing = cli("check-config", env={"CCP_CONFIG": "/nonexistent/ccp.yaml"})
     assert missing.returncode != 0 and "/nonexistent/ccp.yaml" in missing.stderr
+
+
+def test_check_config_lists_only_real_references_and_explain_works_on_a_template(tmp_path: Path) -> None:
+    """The shipped pod config names its secret file and ${CC_CLIENT_ID}: on a laptop, check-config
+    lists what the pod must provide (not a ${VAR} in a comment) and explain still answers."""
+    env = {k: v for k, v in os.environ.items() if k not in ("CC_CLIENT_ID", "REDIS_PASSWORD")}
+    config = tmp_path / "template.yaml"
+    config.write_text(
+        "# a comment mentioning ${REDIS_PASSWORD} is not a reference\n"
+        + (ROOT / "deploy/k8s/files/config.yaml").read_text()
+    )
+    checked = subprocess.run(
+        [sys.executable, "-m", "proxy", "check-config", "-c", str(config)],
+        capture_output=True, text=True, timeout=60, env=env, cwd=ROOT, check=False,
+    )  # fmt: skip
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert checked.stdout.rstrip().endswith("must be set where the proxy runs: CC_CLIENT_ID")
+    explained = subprocess.run(
+        [sys.executable, "-m", "proxy", "explain", "-c", str(config), "GET", "/partner/v1/decisions/dec_1"],
+        capture_output=True, text=True, timeout=60, env=env, cwd=ROOT, check=False,
+    )  # fmt: skip
+    assert explained.returncode == 0, explained.stdout + explained.stderr
+    assert "scopes:   decisions:read" in explained.stdout
+
+
+@pytest.mark.parametrize("content", [None, b"\xff\xfe not utf-8"], ids=["missing", "not-utf-8"])
+def test_check_config_on_an_unreadable_file_is_a_clear_error(tmp_path: Path, content: bytes | None) -> None:
+    config = tmp_path / "c.yaml"
+    if content is not None:
+        config.write_bytes(content)
+    result = cli("check-config", "-c", str(config))
+    assert result.returncode == 2 and "cannot read" in result.stderr and "Traceback" not in result.stderr
