@@ -42,7 +42,8 @@ LABEL org.opencontainers.image.title="credicorp-token-proxy" \
 
 # Nothing is written at run time outside /tmp (mount a tmpfs / emptyDir there):
 # no .pyc files next to the code, no pip cache, unbuffered JSON logs on stderr.
-ENV PYTHONDONTWRITEBYTECODE=1 \
+ENV CCP_CONFIG=/etc/credicorp-proxy/config.yaml \
+    PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     TMPDIR=/tmp
@@ -64,10 +65,10 @@ WORKDIR /tmp
 EXPOSE 8080 9090
 
 # Used by Docker/Podman only (Kubernetes ignores it and uses the pod's probes).
-# No curl in a slim image: the standard library does the request. The port
-# follows CCP_ADMIN_LISTEN when that is set.
+# `healthcheck` reads admin_listen from the same config as `run` (CCP_CONFIG,
+# then CCP_ADMIN_LISTEN), unix: sockets included, so it follows the config.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=15s --retries=3 \
-  CMD ["python", "-c", "import os, urllib.request; port = os.environ.get('CCP_ADMIN_LISTEN', ':9090').rsplit(':', 1)[-1]; urllib.request.urlopen(f'http://127.0.0.1:{port}/healthz', timeout=4)"]
+  CMD ["credicorp-proxy", "healthcheck"]
 
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["credicorp-proxy"]

@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     emulator_cli.add_arguments(emulator)
     flush = sub.add_parser("flush", help="drop every cached token of this client, on every replica")
     _add_config(flush)
+    health = sub.add_parser("healthcheck", help="GET /healthz on the configured admin listener (exit 0/1)")
+    _add_config(health, required=False)
     return parser
 
 
@@ -87,6 +89,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         "explain": commands.explain,
         "demo": commands.demo,
         "flush": commands.flush,
+        "healthcheck": commands.healthcheck,
     }
     return handlers[args.command](args)
 

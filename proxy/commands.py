@@ -7,10 +7,12 @@ import asyncio
 import contextlib
 import dataclasses
 import gc
+import http.client
 import logging
 import os
 import re
 import signal
+import socket
 import sys
 from collections.abc import Coroutine
 from importlib import resources
@@ -23,7 +25,7 @@ from proxy.config import load_config, parse_config, read_yaml
 from proxy.inspect_config import mask_password, render_check, render_explain
 from proxy.logs import configure_logging
 from proxy.metrics import Metrics
-from proxy.settings import Settings
+from proxy.settings import ListenAddress, Settings
 
 log = logging.getLogger("proxy.cli")
 
@@ -165,6 +167,60 @@ def explain(args: argparse.Namespace) -> int:
     text, code = render_explain(settings, args.method, args.path)
     print(text)
     return code
+
+
+def healthcheck(args: argparse.Namespace) -> int:
+    """A container HEALTHCHECK: ``GET /healthz`` where the config puts the admin listener.
+
+    It reads ``admin_listen`` the way ``run`` does (file, ``CCP_ADMIN_LISTEN``,
+    ``unix:`` paths included), so the check follows the config instead of
+    guessing a port. Exit 0 when healthy, 1 otherwise, with the reason on stderr.
+    """
+    if args.config:
+        settings, _ = _load_as_template(args.config)
+    else:
+        settings = load_config(None, check_files=False)
+    address = settings.admin_listen
+    try:
+        status = _get_healthz(address, timeout=4.0)
+    except OSError as exc:
+        print(f"credicorp-proxy: healthcheck: {address}: {exc}", file=sys.stderr)
+        return 1
+    if status != 200:
+        print(f"credicorp-proxy: healthcheck: {address}: /healthz answered {status}", file=sys.stderr)
+        return 1
+    return 0
+
+
+#: A bind-all admin listener is probed on loopback.
+_LOOPBACK_FOR = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}  # noqa: S104
+
+
+def _get_healthz(address: ListenAddress, *, timeout: float) -> int:
+    if address.unix_path:
+        connection: http.client.HTTPConnection = _UnixHTTPConnection(address.unix_path, timeout)
+    else:
+        host = _LOOPBACK_FOR.get(address.host, address.host)
+        connection = http.client.HTTPConnection(host, address.port, timeout=timeout)
+    try:
+        connection.request("GET", "/healthz")
+        return connection.getresponse().status
+    finally:
+        connection.close()
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    """``http.client`` over a Unix socket (the admin listener may be ``unix:/path``)."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self._path)
+        self.sock = sock
 
 
 def flush(args: argparse.Namespace) -> int:

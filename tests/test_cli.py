@@ -13,8 +13,11 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import yaml
 
 from proxy import __version__
+from proxy.emulator.app import EmulatorServer
+from tests.proxy_fixtures import StartProxy, base_config, merge
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -258,3 +261,27 @@ def test_check_config_on_an_unreadable_file_is_a_clear_error(tmp_path: Path, con
         config.write_bytes(content)
     result = cli("check-config", "-c", str(config))
     assert result.returncode == 2 and "cannot read" in result.stderr and "Traceback" not in result.stderr
+
+
+async def _healthcheck(config: Path) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "healthcheck", "-c", str(config),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    return proc.returncode or 0, err.decode()
+
+
+@pytest.mark.parametrize("admin", ["tcp", "unix"])
+async def test_healthcheck_follows_the_configured_admin_listener(
+    start_proxy: StartProxy, emulator: EmulatorServer, tmp_path: Path, admin: str
+) -> None:
+    """The image's HEALTHCHECK: it finds /healthz wherever the config puts the admin port."""
+    listen = f"unix:{tmp_path / 'admin.sock'}" if admin == "unix" else f"127.0.0.1:{free_port()}"
+    raw = merge(base_config(emulator.url), {"admin_listen": listen})
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    code, err = await _healthcheck(config)  # nothing listens there yet
+    assert code == 1 and "healthcheck" in err
+    await start_proxy({"admin_listen": listen})
+    assert (await _healthcheck(config))[0] == 0
