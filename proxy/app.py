@@ -85,6 +85,15 @@ class Runtime:
         self.draining = False
         self.table = RouteTable.compile(settings.routes)
         up, auth = settings.upstream, settings.auth
+        # What can refuse to start (the secret file, the cache key file) comes before the HTTP
+        # sessions, so a refused start-up leaves no unclosed session behind.
+        self.credentials = CredentialProvider(
+            auth.client_id,
+            secret=auth.client_secret,
+            secret_file=auth.client_secret_file,
+            metrics=self.metrics,
+        )
+        self.shared = open_shared_cache(settings, clock, self.metrics)
         self.upstream_session = _client_session(
             limit=up.pool_size,
             ca_file=up.ca_file,
@@ -99,17 +108,10 @@ class Runtime:
             ca_file=auth.ca_file,
             timeout=aiohttp.ClientTimeout(total=auth.timeout_s),
         )
-        self.credentials = CredentialProvider(
-            auth.client_id,
-            secret=auth.client_secret,
-            secret_file=auth.client_secret_file,
-            metrics=self.metrics,
-        )
         verifier = JwtVerifier(self.auth_session, auth.issuer, clock=clock) if auth.verify else None
         self.source = TokenSource(
             auth, self.credentials, self.auth_session, clock=clock, metrics=self.metrics, verifier=verifier
         )
-        self.shared = open_shared_cache(settings, clock, self.metrics)
         self.tokens = TokenManager(
             self.source,
             self.credentials,

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import aiohttp
@@ -285,3 +286,27 @@ async def test_healthcheck_follows_the_configured_admin_listener(
     assert code == 1 and "healthcheck" in err
     await start_proxy({"admin_listen": listen})
     assert (await _healthcheck(config))[0] == 0
+
+
+async def test_a_refused_start_up_leaves_no_http_session_open(
+    emulator: EmulatorServer, tmp_path: Path
+) -> None:
+    """An empty secret file stops the start; nothing it opened may be left for the GC to warn
+    about ("Unclosed client session" lines in the log of a process that already failed)."""
+    import gc
+
+    from proxy.app import ProxyServer
+    from proxy.config import parse_config
+    from proxy.errors import ConfigError
+
+    secret = tmp_path / "client-secret"
+    secret.write_text("")
+    raw = base_config(emulator.url)
+    raw["auth"] = {k: v for k, v in raw["auth"].items() if k != "client_secret"}
+    raw["auth"]["client_secret_file"] = str(secret)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ConfigError, match=r"client_secret_file: .* empty"):
+            ProxyServer(parse_config(raw, {}, check_files=False))  # emptied after validation
+        gc.collect()
+    assert not [w for w in caught if "Unclosed" in str(w.message)], [str(w.message) for w in caught]
