@@ -34,8 +34,8 @@ def reset(transport: asyncio.Transport | None) -> None:
     """
     if transport is None:
         return
-    if transport.is_closing() and transport.get_write_buffer_size() == 0:
-        return  # already fully closed: nothing left to cut, and asyncio would fail on abort()
+    if _flushed(transport):
+        return  # already closed with nothing left to cut, and asyncio would fail on abort()
     sock = transport.get_extra_info("socket")
     if sock is not None:
         with contextlib.suppress(OSError):  # already shut down by the peer: abort() still applies

@@ -24,7 +24,7 @@ from typing import Any
 import aiohttp
 from aiohttp import hdrs, web
 from aiohttp.http import HttpVersion11
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy import connections, errors
@@ -241,7 +241,7 @@ class Forwarder:
         started = time.perf_counter()
         try:
             async with asyncio.timeout(None) as ex.answer_deadline:
-                if not isinstance(body, AsyncIterator):
+                if body is None or isinstance(body, bytes):  # kept whole; a stream arms it when sent
                     self._arm_answer_deadline(ex)
                 return await self._session.request(
                     request.method,
@@ -513,6 +513,12 @@ async def _answer_expectation(request: web.Request) -> None:
         request.writer.output_size = 0  # the interim answer is not part of the response
 
 
+def _transfer_codings(headers: CIMultiDictProxy[str]) -> list[str]:
+    """Every coding of every ``Transfer-Encoding`` header, in order, lower-cased."""
+    values = headers.getall(hdrs.TRANSFER_ENCODING, ())
+    return [coding.strip().lower() for value in values for coding in value.split(",")]
+
+
 def _foreign_transfer_coding(upstream: aiohttp.ClientResponse) -> bool:
     """True when the API framed its answer with more than ``chunked`` (e.g. ``gzip, chunked``).
 
@@ -520,10 +526,8 @@ def _foreign_transfer_coding(upstream: aiohttp.ClientResponse) -> bool:
     relayed, the client would get compressed bytes with no ``Content-Encoding``
     to say so. The mirror of ``_check_transfer_coding`` on the request side.
     """
-    values = upstream.headers.getall(hdrs.TRANSFER_ENCODING, ())
-    if not values:
-        return False
-    return [c.strip().lower() for value in values for c in value.split(",")] != ["chunked"]
+    codings = _transfer_codings(upstream.headers)
+    return bool(codings) and codings != ["chunked"]
 
 
 def _check_transfer_coding(request: web.Request) -> None:
@@ -532,10 +536,7 @@ def _check_transfer_coding(request: web.Request) -> None:
     aiohttp's parser de-chunks ``gzip, chunked`` and would silently lose the gzip
     coding, handing the API bytes it cannot know are compressed (RFC 9112 §6.1).
     """
-    values = request.headers.getall(hdrs.TRANSFER_ENCODING, ())
-    if not values:
-        return
-    codings = [c.strip().lower() for value in values for c in value.split(",")]
-    if codings != ["chunked"]:
+    codings = _transfer_codings(request.headers)
+    if codings and codings != ["chunked"]:
         raise errors.BadRequest("Transfer-Encoding other than a single 'chunked' is not supported")
 
