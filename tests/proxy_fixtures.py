@@ -116,14 +116,15 @@ async def set_faults(session: aiohttp.ClientSession, emulator: EmulatorServer, *
         assert resp.status == 200, await resp.text()
 
 
+async def open_connection(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw TCP connection to ``http://host:port`` (a proxy or emulator URL), for wire-level tests."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    return await asyncio.open_connection(host, int(port))
+
+
 async def raw_request(url: str, request: bytes) -> bytes:
     """Send raw bytes to ``url``'s host:port and return everything the server answers."""
-    import asyncio
-
-    from yarl import URL
-
-    parsed = URL(url)
-    reader, writer = await asyncio.open_connection(parsed.host, parsed.port)
+    reader, writer = await open_connection(url)
     writer.write(request)
     await writer.drain()
     try:

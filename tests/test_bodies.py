@@ -17,16 +17,11 @@ import aiohttp
 import pytest
 
 from proxy.emulator.app import EmulatorServer
-from tests.proxy_fixtures import StartProxy, emulator_requests, fixed_upstream, raw_request
+from tests.proxy_fixtures import StartProxy, emulator_requests, fixed_upstream, open_connection, raw_request
 
 DOC = "/partner/v1/applications/app_demo_001/documents"
 DECISION = "/partner/v1/decisions/dec_demo_001"
 PDF = {"Content-Type": "application/pdf"}
-
-
-async def open_proxy(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    host, port = url.removeprefix("http://").rsplit(":", 1)
-    return await asyncio.open_connection(host, int(port))
 
 
 def upload_head(length: int, expect: str | None = "100-continue", path: str = DOC) -> bytes:
@@ -44,7 +39,7 @@ async def test_expect_100_continue_is_answered_before_the_body_is_sent(
     start_proxy: StartProxy, http: aiohttp.ClientSession, emulator: EmulatorServer
 ) -> None:
     proxy = await start_proxy()
-    reader, writer = await open_proxy(proxy.proxy_url)
+    reader, writer = await open_connection(proxy.proxy_url)
     writer.write(upload_head(5))
     interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2)  # the client waits for this
     assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -74,7 +69,7 @@ async def test_a_refused_upload_gets_its_final_answer_instead_of_100(
 ) -> None:
     """The final answer comes at once, with no 100 before it: the client never sends the body."""
     proxy = await start_proxy({"upstream": {"max_body_bytes": 1000}})
-    reader, writer = await open_proxy(proxy.proxy_url)
+    reader, writer = await open_connection(proxy.proxy_url)
     writer.write(upload_head(length, path=path))
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2)
     writer.close()
@@ -212,8 +207,7 @@ async def test_an_api_slow_to_answer_after_a_streamed_upload_is_still_cut_at_tim
 
 async def raw_request_all(url: str, request: bytes) -> bytes:
     """Send raw bytes and read the whole answer until the proxy closes (``Connection: close``)."""
-    host, port = url.removeprefix("http://").rsplit(":", 1)
-    reader, writer = await asyncio.open_connection(host, int(port))
+    reader, writer = await open_connection(url)
     writer.write(request.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1))
     try:
         return await asyncio.wait_for(reader.read(), 10)

@@ -17,9 +17,11 @@ from tests.proxy_fixtures import (
     StartProxy,
     emulator_requests,
     emulator_stats,
+    open_connection,
     raw_request,
     set_faults,
 )
+from tests.redis_fixtures import free_port
 
 DECISION = "/partner/v1/decisions/dec_demo_001"
 
@@ -453,8 +455,7 @@ async def test_upstream_drop_after_the_head_was_relayed_is_a_tcp_reset_not_an_eo
     proxy = await start_proxy({"upstream": {"response_buffer_bytes": 0}})  # stream: the head goes first
     assert await _status(http, proxy.proxy_url + DECISION) == 200
     await set_faults(http, emulator, api_drop="after_headers", api_drop_count=2)
-    host, port = proxy.proxy_url.removeprefix("http://").rsplit(":", 1)
-    reader, writer = await asyncio.open_connection(host, int(port))
+    reader, writer = await open_connection(proxy.proxy_url)
     writer.write(f"GET {DECISION} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
     received = b""
     with pytest.raises(ConnectionResetError):
@@ -574,25 +575,17 @@ async def test_unix_socket_listener(
 # ------------------------------------------------------------------ listeners
 
 
-def _taken_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def test_a_second_proxy_on_a_taken_port_fails_to_start_unless_reuse_port_is_set(
     start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
     """Without ``reuse_port`` a stale or duplicate instance must not silently take a share of
     the app's connections; with it (several workers), both serve, and the admin ports stay apart."""
-    port = _taken_port()
+    port = free_port()
     await start_proxy({"listen": f"127.0.0.1:{port}"})
     with pytest.raises(OSError, match="address already in use"):
         await start_proxy({"listen": f"127.0.0.1:{port}"})
 
-    shared = _taken_port()
+    shared = free_port()
     first = await start_proxy({"listen": f"127.0.0.1:{shared}", "reuse_port": True})
     second = await start_proxy({"listen": f"127.0.0.1:{shared}", "reuse_port": True})
     assert first.proxy_url == second.proxy_url and first.admin_url != second.admin_url

@@ -80,7 +80,13 @@ from proxy.app import ProxyServer
 from proxy.emulator.app import EmulatorServer
 from proxy.emulator.streams import statement_gzip_bytes
 from tests.parsers import check_expected_parser, parser_kind, rerun_under_pure_python
-from tests.proxy_fixtures import TEST_ROUTES, StartProxy, emulator_requests, emulator_stats
+from tests.proxy_fixtures import (
+    TEST_ROUTES,
+    StartProxy,
+    emulator_requests,
+    emulator_stats,
+    open_connection,
+)
 
 INNER_ENV = "CTP_SMUGGLING_PARSER"  # set by the outer run: which parser the inner run must be using
 
@@ -478,8 +484,7 @@ async def exchange(
 
     ``max_replies`` stops after that many answers without waiting for the proxy to close.
     """
-    host, port = proxy.proxy_url.removeprefix("http://").rsplit(":", 1)
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), READ_S)
+    reader, writer = await asyncio.wait_for(open_connection(proxy.proxy_url), READ_S)
     seen = Observed()
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
@@ -627,8 +632,7 @@ async def test_client_abort_mid_body_never_desyncs_the_upstream_connection(
         payload = post(cl(4 * len(part)), part)
     else:
         payload = post(TE, b"%x\r\n" % (4 * len(part)) + part)
-    host, port = proxy.proxy_url.removeprefix("http://").rsplit(":", 1)
-    _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), READ_S)
+    _, writer = await asyncio.wait_for(open_connection(proxy.proxy_url), READ_S)
     writer.write(payload)
     await asyncio.wait_for(writer.drain(), READ_S)
     for _ in range(100):  # until the emulator has started receiving it
