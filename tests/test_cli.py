@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import yaml
 from proxy import __version__
 from proxy.emulator.app import EmulatorServer
 from tests.proxy_fixtures import StartProxy, base_config, merge
+from tests.redis_fixtures import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,12 +33,6 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
         cwd=ROOT,
         check=False,
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_version() -> None:

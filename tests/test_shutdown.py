@@ -30,18 +30,13 @@ from proxy.connections import flush_or_reset
 from proxy.emulator.app import EmulatorServer
 from proxy.emulator.streams import statement_bytes
 from tests.proxy_fixtures import base_config, merge, set_faults
+from tests.redis_fixtures import free_port
 from tests.test_metrics import eventually, get, scrape
 
 REPO = Path(__file__).resolve().parent.parent
 STATEMENT = "/partner/v1/accounts/acc_demo_001/statement"
 DECISION = "/partner/v1/decisions/dec_demo_001"
 START_TIMEOUT_S = 30.0
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
