@@ -38,6 +38,8 @@ def coerce(value: Any, hint: Any, *, from_env: bool = False) -> Any:
         if value is None or (from_env and value == ""):
             return None
         (hint,) = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is tuple:
+        return _to_str_tuple(value)
     if typing.get_origin(hint) is typing.Literal:
         choices = typing.get_args(hint)
         if value not in choices:
@@ -51,6 +53,18 @@ def _expect_str(value: Any) -> str:
     if not isinstance(value, str):
         raise ValueError(f"expected a string, got {show(value)}")
     return value
+
+
+def _to_str_tuple(value: Any) -> tuple[str, ...]:
+    """A list of strings: a YAML list, or comma-separated text (``${VAR}`` and ``CCP_*`` are text).
+
+    Blank items are dropped, so ``"a, b,"`` is ``("a", "b")`` and an empty variable is an empty list.
+    """
+    if isinstance(value, str):
+        return tuple(item.strip() for item in value.split(",") if item.strip())
+    if isinstance(value, list | tuple) and all(isinstance(item, str) for item in value):
+        return tuple(item.strip() for item in value if item.strip())
+    raise ValueError(f"expected a list of strings (or comma-separated text), got {show(value)}")
 
 
 def _to_bool(value: Any) -> bool:

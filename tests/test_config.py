@@ -616,3 +616,26 @@ def test_shipped_table_covers_exactly_the_emulated_partner_api() -> None:
     shipped = {(m, r.path, r.scopes) for r in settings.routes for m in r.methods}
     emulated = {(r.method, r.path, (r.scope,)) for r in API_ROUTES}
     assert shipped == emulated
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (["a", " b "], ("a", "b")),
+        ("a, b,", ("a", "b")),  # env and ${VAR} text: comma-separated, blanks dropped
+        ("", ()),
+        ([], ()),
+    ],
+)
+def test_list_keys_take_a_yaml_list_or_comma_separated_text(value: Any, expected: tuple[str, ...]) -> None:
+    from proxy.config_values import coerce
+
+    assert coerce(value, tuple[str, ...]) == expected
+
+
+@pytest.mark.parametrize("value", [["a", 1], 3, {"a": 1}])
+def test_list_keys_refuse_anything_but_strings(value: Any) -> None:
+    from proxy.config_values import coerce
+
+    with pytest.raises(ValueError, match="expected a list of strings"):
+        coerce(value, tuple[str, ...])
