@@ -203,10 +203,14 @@ class TokenSource:
         """Refuse the whole document if an endpoint it names breaks a trust rule (``trust.py``).
 
         Checked before anything is sent to either endpoint, and re-checked on every
-        fetch, so a document that turns bad later is refused too. A configured
-        ``auth.token_endpoint`` replaces the document's, which is then not checked.
+        fetch, so a document that turns bad later is refused too. Only what the proxy
+        will use is judged: a configured ``auth.token_endpoint`` replaces the document's,
+        and ``jwks_uri`` is read only to verify tokens.
         """
-        used = {"token_endpoint": None if self._auth.token_endpoint else token_endpoint, "jwks_uri": jwks_uri}
+        used = {
+            "token_endpoint": None if self._auth.token_endpoint else token_endpoint,
+            "jwks_uri": jwks_uri if self._verifier is not None else None,
+        }
         refusal = DiscoveryTrust.for_settings(self._auth).refusal(used)
         if refusal is None:
             return
