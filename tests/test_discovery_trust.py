@@ -474,6 +474,9 @@ def test_host_matching(host: str, patterns: tuple[str, ...], allowed: bool) -> N
         ("https://credicorp.co.uk.evil.com/oauth/token", "host_not_allowed"),
         ("https://2130706433/oauth/token", "host_syntax"),
         ("https://0x7f000001/oauth/token", "host_syntax"),
+        ("https://0x7f.0.0.1/oauth/token", "host_syntax"),
+        ("https://0177.0.0.1/oauth/token", "host_syntax"),
+        ("https://0x1.credicorp.co.uk/oauth/token", None),  # a name that merely starts with 0x
         ("https://api.credicorp.co.uk%2eevil.com/oauth/token", "host_syntax"),
         ("https://bücher.credicorp.co.uk/oauth/token", "host_syntax"),
         ("https://api credicorp.co.uk/oauth/token", "host_syntax"),

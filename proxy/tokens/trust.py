@@ -49,6 +49,8 @@ _MAX_SHOWN_HOST: Final = 253
 #: one organisation owns: trusting ``*.co.uk`` would trust every company in the UK.
 _SHORT_SECOND_LEVEL: Final = 3
 _COUNTRY_CODE: Final = re.compile(r"[a-z]{2}")
+#: One part of an IPv4 address as ``inet_aton`` reads it: decimal, octal (leading 0) or hex.
+_NUMBER: Final = re.compile(r"0x[0-9a-f]*|[0-9]+")
 
 
 def normalize_host(host: str) -> str:
@@ -70,18 +72,20 @@ def _is_ip(host: str) -> bool:
 
 
 def _plain_host(host: str) -> bool:
-    """An IP literal, or a DNS name whose last label is not all digits (no TLD is; RFC 3696 §2).
+    """An IP literal, or a DNS name the system resolver will not read as an IPv4 address.
 
-    A name like ``127.1``, ``2130706433`` or ``0x7f000001`` passes a naive name check but
-    the system resolver reads it as an IPv4 address, so it is refused rather than judged
-    as a name.
+    ``127.1``, ``2130706433``, ``0177.0.0.1`` or ``0x7f000001`` pass a naive name check,
+    but ``inet_aton`` (behind ``getaddrinfo``) takes any dot-separated decimal, octal or
+    hex numbers for an address, which the rules would never have seen as one. Such a
+    host is refused rather than judged as a name: its last label is all digits (no TLD
+    is, RFC 3696 §2) or every label is a number.
     """
     if _is_ip(host):
         return True
     if not HOSTNAME.fullmatch(host):
         return False
     labels = host.removesuffix(".").split(".")
-    return not labels[-1].isdigit() and not any(re.fullmatch(r"0x[0-9a-f]*", label) for label in labels)
+    return not labels[-1].isdigit() and not all(_NUMBER.fullmatch(label) for label in labels)
 
 
 def check_allowed_host(entry: str) -> str | None:
