@@ -18,13 +18,14 @@ import types
 import typing
 from collections.abc import Callable, Mapping
 from typing import Any, Final
-from urllib.parse import urlsplit
 
 from proxy.config_report import Report, key_path
 from proxy.routes import parse_bool, show
 from proxy.scopes import KNOWN_AUDIENCES
 from proxy.settings import ListenAddress
 from proxy.tokens.sealing import Keyring, SealingKeyError
+from proxy.tokens.trust import check_allowed_hosts
+from proxy.urls import HOSTNAME, check_url
 
 
 # ------------------------------------------------------------- coercion
@@ -142,7 +143,6 @@ def parse_listen(text: str) -> ListenAddress:
 _HOST_PORT: Final = re.compile(
     r"\[(?P<v6>[^\]]+)\](?::(?P<p6>\d+))?|(?P<host>[^:\[\]/\s@,]+)(?::(?P<port>\d+))?"
 )
-_HOSTNAME: Final = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
 
 
 def host_port(text: str) -> tuple[str, int | None]:
@@ -155,40 +155,13 @@ def host_port(text: str) -> tuple[str, int | None]:
             ipaddress.IPv6Address(host)
         elif m and re.fullmatch(r"[\d.]+", host):
             ipaddress.IPv4Address(host)
-        elif not _HOSTNAME.fullmatch(host):
+        elif not HOSTNAME.fullmatch(host):
             raise ValueError
     except ValueError:
         raise ValueError(f"not a valid host[:port]: {show(text)}") from None
     if port is not None and int(port) > 65535:
         raise ValueError(f"port out of range in {show(text)}")
     return host, None if port is None else int(port)
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def check_url(url: str, *, origin: bool = False) -> str | None:
-    """An http(s) URL a token or secret may be sent to: TLS unless the host is loopback."""
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises on a bad port
-    except ValueError as exc:
-        return f"not a valid URL {show(url)}: {exc}"
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        return f"expected an http(s) URL, got {show(url)}"
-    if parts.username is not None or parts.password is not None:
-        return "must not contain credentials (user:password@)"
-    if parts.query or parts.fragment:
-        return "must not have a query or a fragment"
-    if origin and parts.path not in ("", "/"):
-        return f"must be an origin (scheme://host[:port]) without a path, got path {show(parts.path)}"
-    if parts.scheme == "http" and not _is_loopback(parts.hostname):
-        return "http:// is only allowed to a loopback host: a token or secret sent in clear can be stolen"
-    return None
 
 
 #: scheme -> (what may follow the host list, as a regex; the same, for humans). Matches
@@ -257,6 +230,7 @@ _VALUE_CHECKS: Final[dict[str, Callable[[Any], str | None]]] = {
     "auth.audience": _one_of(KNOWN_AUDIENCES),
     "auth.default_expires_in": _POSITIVE,
     "auth.timeout_s": _POSITIVE,
+    "auth.allowed_hosts": check_allowed_hosts,
     "auth.max_mint_rate": _check_range(lambda v: 0 < v < 10, "must be > 0 and < 10 (platform limit 10/s)"),
     "cache.url": check_cache_url,
     "cache.key_prefix": lambda v: (

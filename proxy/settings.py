@@ -56,6 +56,9 @@ class AuthSettings:
     timeout_s: float = 10.0
     max_mint_rate: float = 5.0  # token-endpoint calls per second, hard ceiling (platform: 10)
     ca_file: str | None = None
+    # Hosts a discovered token_endpoint / jwks_uri may name, besides the issuer's own;
+    # "*.example.com" = any host below example.com. Empty: hosts under the issuer's parent domain.
+    allowed_hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

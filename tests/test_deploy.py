@@ -764,9 +764,11 @@ def test_endpoint_error_alerts_split_the_error_labels_the_way_the_policy_does() 
         for code in oauth_codes:
             kind, label = classify(status, code)
             labels[label] = kind
-    # Labels made outside classify(): proxy/tokens/wire.py, source.py (network, parse, verify, discovery).
+    # Labels made outside classify(): proxy/tokens/wire.py, source.py, trust.py (network, parse, verify,
+    # discovery).
     for label in ("timeout", "connect", "malformed", "unverified", "discovery_http", "discovery_malformed",
-                  "discovery_issuer_mismatch", "discovery_timeout", "discovery_connect"):  # fmt: skip
+                  "discovery_issuer_mismatch", "discovery_timeout", "discovery_connect",
+                  "discovery_untrusted"):  # fmt: skip
         labels[label] = ErrorClass.TRANSIENT
     assert {"http_429", "http_5xx", "http_4xx", "http_3xx", "other_oauth_error"} <= labels.keys()
     for label, kind in labels.items():

@@ -30,6 +30,7 @@ from proxy.tokens.attempt import SharedAttempt
 from proxy.tokens.backoff import EndpointFailure, ErrorClass
 from proxy.tokens.credentials import CredentialProvider
 from proxy.tokens.model import CacheKey, Credentials, Token
+from proxy.tokens.trust import UNTRUSTED, DiscoveryTrust
 from proxy.tokens.verify import JwtVerifier, TokenVerificationError, read_bounded
 from proxy.tokens.wire import (
     MAX_BODY,
@@ -194,8 +195,36 @@ class TokenSource:
                 reason=failure.description,
             )
             raise
+        self._refuse_untrusted(token_endpoint, jwks_uri)
         _event(logging.INFO, "discovery document read", "discovery_ok", issuer=issuer)
         return Discovery(issuer, token_endpoint, jwks_uri, now)
+
+    def _refuse_untrusted(self, token_endpoint: str, jwks_uri: str | None) -> None:
+        """Refuse the whole document if an endpoint it names breaks a trust rule (``trust.py``).
+
+        Checked before anything is sent to either endpoint, and re-checked on every
+        fetch, so a document that turns bad later is refused too. Only what the proxy
+        will use is judged: a configured ``auth.token_endpoint`` replaces the document's,
+        and ``jwks_uri`` is read only to verify tokens.
+        """
+        used = {
+            "token_endpoint": None if self._auth.token_endpoint else token_endpoint,
+            "jwks_uri": jwks_uri if self._verifier is not None else None,
+        }
+        refusal = DiscoveryTrust.for_settings(self._auth).refusal(used)
+        if refusal is None:
+            return
+        _event(
+            logging.ERROR,
+            "discovery document refused: it names an endpoint the proxy does not trust",
+            "discovery_refused",
+            error=UNTRUSTED,
+            issuer=self._auth.issuer,
+            key=refusal.key,
+            rule=refusal.rule,
+            host=refusal.host,
+        )
+        raise refusal.failure()
 
     # -- the call ---------------------------------------------------------------
 

@@ -12,7 +12,7 @@ import base64
 import json
 import math
 from typing import Any
-from urllib.parse import quote_plus, urlsplit
+from urllib.parse import quote_plus
 
 from proxy.tokens.backoff import EndpointFailure, ErrorClass
 from proxy.tokens.model import CacheKey, Credentials, Token
@@ -92,15 +92,17 @@ def _granted_scopes(raw: object, requested: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(sorted(set(raw.split())))
 
 
-def _absolute_url(value: object) -> str | None:
-    if not isinstance(value, str):
-        return None
-    parts = urlsplit(value)
-    return value if parts.scheme in ("http", "https") and parts.hostname else None
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None
 
 
 def parse_discovery(status: int, body: bytes, issuer: str) -> tuple[str, str | None]:
-    """(token_endpoint, jwks_uri) of a discovery document whose issuer is exactly ours (RFC 8414)."""
+    """(token_endpoint, jwks_uri) of a discovery document whose issuer is exactly ours (RFC 8414).
+
+    The URLs come back as written: whether the proxy may use them is decided in
+    ``proxy.tokens.trust``, by the same rule as a configured URL, so a value such
+    as ``ftp://...`` or ``http://`` to another host is refused there, with its reason.
+    """
     if status != 200:
         raise EndpointFailure("discovery_http", ErrorClass.TRANSIENT, f"discovery answered HTTP {status}")
     doc = _json_object(body)
@@ -114,9 +116,9 @@ def parse_discovery(status: int, body: bytes, issuer: str) -> tuple[str, str | N
             f"discovery document names issuer {str(shown)[:200]!r}, not the configured {issuer!r}"
             " (RFC 8414 requires an exact match); check auth.issuer",
         )
-    token_endpoint = _absolute_url(doc.get("token_endpoint"))
+    token_endpoint = _text(doc.get("token_endpoint"))
     if token_endpoint is None:
         raise EndpointFailure(
-            "discovery_malformed", ErrorClass.TRANSIENT, "discovery document has no valid token_endpoint"
+            "discovery_malformed", ErrorClass.TRANSIENT, "discovery document has no token_endpoint"
         )
-    return token_endpoint, _absolute_url(doc.get("jwks_uri"))
+    return token_endpoint, _text(doc.get("jwks_uri"))
