@@ -34,7 +34,7 @@ from proxy.emulator.app import make_emulator_app
 from proxy.errors import ConfigError
 from proxy.logs import JsonFormatter
 from proxy.settings import AuthSettings
-from proxy.tokens.trust import (
+from proxy.tokens.discovery_trust import (
     DiscoveryTrust,
     check_allowed_host,
     default_patterns,

@@ -100,7 +100,7 @@ def parse_discovery(status: int, body: bytes, issuer: str) -> tuple[str, str | N
     """(token_endpoint, jwks_uri) of a discovery document whose issuer is exactly ours (RFC 8414).
 
     The URLs come back as written: whether the proxy may use them is decided in
-    ``proxy.tokens.trust``, by the same rule as a configured URL, so a value such
+    ``proxy.tokens.discovery_trust``, by the same rule as a configured URL, so a value such
     as ``ftp://...`` or ``http://`` to another host is refused there, with its reason.
     """
     if status != 200:
