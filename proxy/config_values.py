@@ -23,8 +23,8 @@ from proxy.config_report import Report, key_path
 from proxy.routes import parse_bool, show
 from proxy.scopes import KNOWN_AUDIENCES
 from proxy.settings import ListenAddress
-from proxy.tokens.sealing import Keyring, SealingKeyError
 from proxy.tokens.discovery_trust import check_allowed_hosts
+from proxy.tokens.sealing import Keyring, SealingKeyError
 from proxy.urls import HOSTNAME, check_url
 
 

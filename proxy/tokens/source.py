@@ -29,8 +29,8 @@ from proxy.tokens import backoff as policy
 from proxy.tokens.attempt import SharedAttempt
 from proxy.tokens.backoff import EndpointFailure, ErrorClass
 from proxy.tokens.credentials import CredentialProvider
-from proxy.tokens.model import CacheKey, Credentials, Token
 from proxy.tokens.discovery_trust import UNTRUSTED, DiscoveryTrust
+from proxy.tokens.model import CacheKey, Credentials, Token
 from proxy.tokens.verify import JwtVerifier, TokenVerificationError, read_bounded
 from proxy.tokens.wire import (
     MAX_BODY,
