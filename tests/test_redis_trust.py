@@ -84,6 +84,10 @@ class Rig:
         self.servers.append(server)
         return server
 
+    async def emulator_settings(self, **settings: Any) -> None:
+        async with self.http.post(self.emulator.url + "/_emulator/settings", json=settings) as resp:
+            assert resp.status == 200, await resp.text()
+
     async def get(self, proxy: ProxyServer) -> int:
         async with self.http.get(proxy.proxy_url + DECISION) as resp:
             await resp.read()
@@ -119,6 +123,13 @@ async def rig(
             await server.stop()
 
 
+async def until(check: Callable[[], bool], within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while not check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
 def forged_jwt(kid: str, **claims: Any) -> str:
     """A well-formed ES256 JWT naming the emulator's key id, signed with a key the attacker made."""
     now = int(time.time())
@@ -135,6 +146,7 @@ def forged_jwt(kid: str, **claims: Any) -> str:
         ("more_scopes", "scopes"),
         ("other_audience", "audience"),
         ("forged_signature", "signature"),
+        ("expired_with_a_later_stored_exp", "expired"),
     ],
 )
 async def test_a_token_that_is_not_the_slots_own_is_never_sent_counted_and_purged(
@@ -152,6 +164,8 @@ async def test_a_token_that_is_not_the_slots_own_is_never_sent_counted_and_purge
         planted = await rig.emu.mint("decisions:read payments:write")
     elif case == "other_audience":
         planted = await rig.emu.mint("decisions:read", audience="internal/v1")
+    elif case == "expired_with_a_later_stored_exp":
+        planted = await ended_token(rig)
     else:
         kid = jwt.get_unverified_header(demo_token)["kid"]
         planted = forged_jwt(kid, iss=claims_of(demo_token)["iss"])
@@ -183,8 +197,7 @@ async def test_a_token_that_is_not_the_slots_own_is_never_sent_counted_and_purge
 async def test_a_forged_stored_exp_gives_way_to_the_tokens_own(rig: Rig) -> None:
     """The slot's own token with a ten-year stored exp: used (it is the right token) until its real
     end, and the TTL gauge shows the JWT's exp, not the stored one."""
-    async with rig.http.post(rig.emulator.url + "/_emulator/settings", json={"token_ttl": 120}) as resp:
-        assert resp.status == 200
+    await rig.emulator_settings(token_ttl=120)
     proxy = await rig.proxy()
     own = await rig.emu.mint("decisions:read")
     rig.write(plain_value(own, exp=time.time() + 10 * 365 * 86400))
@@ -224,14 +237,27 @@ async def test_a_token_that_cannot_be_verified_now_is_not_sent_and_stays_in_redi
     assert (await scrape(rig.http, proxy)).value(REJECTED, reason="unverifiable") >= 1
 
 
+async def ended_token(rig: Rig) -> str:
+    """A genuine token of the slot whose own exp has just passed (the emulator's TTL put back after)."""
+    await rig.emulator_settings(token_ttl=1)
+    token = await rig.emu.mint("decisions:read")
+    await rig.emulator_settings(token_ttl=3600)
+    await until(lambda: time.time() > claims_of(token)["exp"] + 0.05)
+    return token
+
+
+async def test_a_token_at_its_natural_end_is_a_plain_miss(rig: Rig) -> None:
+    """Its stored exp a moment after its own (the minting replica's clock): not sent, not a refusal."""
+    proxy = await rig.proxy()
+    ended = await ended_token(rig)
+    rig.write(plain_value(ended, exp=claims_of(ended)["exp"] + 1.5))
+    assert await rig.get(proxy) == 200
+    assert [b["jti"] for b in await rig.api_bearers()] != [claims_of(ended)["jti"]]
+    assert len(await rig.api_bearers()) == 1, "the ended token went out (and came back 401)"
+    assert (await scrape(rig.http, proxy)).series(REJECTED) == []
+
+
 # ------------------------------------------------------------- keyed Redis
-async def until(check: Callable[[], bool], within: float = 5.0) -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
-
-
 async def test_an_older_sealed_value_written_back_is_refused_as_a_replay(rig: Rig) -> None:
     """With a key nobody can forge a value, but an older sealed value of the same slot can be
     copied back; the proxy never goes back to a token older than the newest it has held."""

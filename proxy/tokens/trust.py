@@ -78,6 +78,9 @@ LEEWAY_S: Final = 30.0
 _ADMITTED_LIMIT: Final = 1024
 _NEWEST_LIMIT: Final = 4096
 _LOGGED_LIMIT: Final = 1024
+#: A legitimate stored exp is the minting replica's own clock, up to about a second past the
+#: claim's whole-second exp: a token read in that last moment has simply ended, nobody lied.
+_NATURAL_END_S: Final = 2.0
 _UNVERIFIED: Final[Any] = {"verify_signature": False}
 
 
@@ -91,6 +94,10 @@ class Rejected(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class _Ended(Exception):
+    """The token's own exp has passed and the stored one agrees: a plain miss, not a refusal."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,10 +161,13 @@ class SharedTokenTrust:
             except Rejected as refusal:
                 await self._refuse(key, stored, refusal.reason, shared)
                 return None
+            except _Ended:
+                return None
             _remember(self._admitted, (key, stored.digest), entry, _ADMITTED_LIMIT)
         elif entry.token.is_expired(self._clock()):
             del self._admitted[(key, stored.digest)]
-            await self._refuse(key, stored, "expired", shared)
+            if stored.expires_at - entry.token.expires_at > _NATURAL_END_S:
+                await self._refuse(key, stored, "expired", shared)
             return None
         if entry.generation < self._newest.get(key, -math.inf):
             await self._refuse(key, stored, "replayed", shared)
@@ -217,7 +227,7 @@ class SharedTokenTrust:
         if issued > expires:
             raise Rejected("malformed")
         if expires <= now:
-            raise Rejected("expired")
+            raise _Ended() if stored.expires_at - expires <= _NATURAL_END_S else Rejected("expired")
         not_before = _number(claims.get("nbf"))
         if issued > now + LEEWAY_S or (not_before is not None and not_before > now + LEEWAY_S):
             raise Rejected("not_yet_valid")
