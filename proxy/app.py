@@ -28,8 +28,8 @@ from proxy.settings import ListenAddress, Settings
 from proxy.tokens.cache import TokenCache
 from proxy.tokens.credentials import CredentialProvider
 from proxy.tokens.manager import TokenManager
+from proxy.tokens.redis_trust import SharedTokenTrust
 from proxy.tokens.source import TokenSource
-from proxy.tokens.trust import SharedTokenTrust
 from proxy.tokens.verify import JwtVerifier
 
 log = logging.getLogger("proxy.app")

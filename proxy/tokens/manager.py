@@ -35,7 +35,7 @@ from proxy.metrics import Metrics
 from proxy.settings import RefreshSettings
 from proxy.tokens.cache import MemoryTokenCache, TokenCache
 from proxy.tokens.model import CacheKey, Credentials, Token
-from proxy.tokens.trust import SharedTokenTrust
+from proxy.tokens.redis_trust import SharedTokenTrust
 
 log = logging.getLogger("proxy.tokens")
 
@@ -72,7 +72,7 @@ class TokenManager:
         self._clock = clock
         self._metrics = metrics
         self._shared = shared
-        # Checks every token read from ``shared`` before it is used (``proxy.tokens.trust``). The
+        # Checks every token read from ``shared`` before it is used (``proxy.tokens.redis_trust``). The
         # runtime always passes one; None (unit tests of the tiers alone) takes Redis at its word.
         self._trust = trust
         self._rng = rng or random.Random()

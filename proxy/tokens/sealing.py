@@ -11,7 +11,7 @@ file (new key first, old keys after) keeps reading what the old key wrote.
 What the seal cannot stop is a replay: someone who can write Redis but has
 no key can copy an older sealed value of the same slot back. It carries its
 own issue time (the JWT's ``iat``, and the minting replica's ``iat`` inside
-the seal), so ``proxy.tokens.trust`` refuses a value older than the newest one
+the seal), so ``proxy.tokens.redis_trust`` refuses a value older than the newest one
 this process has held; the format needs nothing more, and stays ``v: 1``.
 
 A value that cannot be read (unknown key id, failed authentication, a

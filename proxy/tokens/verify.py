@@ -1,5 +1,5 @@
 """Local verification of tokens against the issuer's JWKS: every minted token, and every token
-read from Redis before its first use (``proxy.tokens.trust``).
+read from Redis before its first use (``proxy.tokens.redis_trust``).
 
 The proxy treats tokens as opaque bearer strings, but checking a freshly
 minted one (ES256 signature, iss, aud, exp, scope) catches a misrouted or

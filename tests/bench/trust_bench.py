@@ -27,7 +27,7 @@ from proxy.emulator.app import EmulatorServer
 from proxy.emulator.testing import EmulatorClient
 from proxy.metrics import Metrics
 from proxy.tokens.model import CacheKey, Credentials, Token
-from proxy.tokens.trust import SharedTokenTrust
+from proxy.tokens.redis_trust import SharedTokenTrust
 from proxy.tokens.verify import JwtVerifier
 
 SCOPES = ("decisions:read",)
