@@ -28,6 +28,7 @@ from proxy.settings import ListenAddress, Settings
 from proxy.tokens.cache import TokenCache
 from proxy.tokens.credentials import CredentialProvider
 from proxy.tokens.manager import TokenManager
+from proxy.tokens.redis_trust import SharedTokenTrust
 from proxy.tokens.source import TokenSource
 from proxy.tokens.verify import JwtVerifier
 
@@ -119,6 +120,8 @@ class Runtime:
             clock=clock,
             metrics=self.metrics,
             shared=self.shared,
+            # A token read from Redis is checked like a minted one (same verifier) before first use.
+            trust=SharedTokenTrust(verifier=verifier, clock=clock, metrics=self.metrics),
         )
         self.forwarder = Forwarder(
             up,

@@ -19,6 +19,7 @@ owns its schema).
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import typing
 from collections.abc import Mapping
@@ -37,10 +38,10 @@ from proxy.config_env import (
     interpolate,
 )
 from proxy.config_report import Report, check_keys, key_path
-from proxy.config_values import check_values, coerce
+from proxy.config_values import check_values, coerce, host_port
 from proxy.errors import ConfigError
 from proxy.routes import parse_routes, show
-from proxy.settings import AuthSettings, ListenAddress, Settings
+from proxy.settings import AuthSettings, CacheSettings, ListenAddress, Settings
 
 __all__ = ["ENV_PREFIX", "SECTIONS", "env_variables", "load_config", "parse_config"]
 
@@ -177,6 +178,7 @@ def parse_config(raw: Mapping[str, Any], env: Mapping[str, str], *, check_files:
     top = values.pop("")
     _check_secret(values["auth"], report)
     _check_listeners(top, where, report)
+    _check_cache_trust(values["cache"], values["auth"], report)
     routes, problems, warnings = parse_routes(tree.get("routes"), values["auth"].audience)
     for problem in problems:  # through the report, so an interpolation problem is not repeated
         report.problem(*problem.split(": ", 1))
@@ -225,3 +227,46 @@ def _check_listeners(top: _TopLevel, where: Mapping[str, str], report: Report) -
         clash = a.port == b.port != 0 and (a.host == b.host or bool({a.host, b.host} & {"0.0.0.0", "::"}))  # noqa: S104
     if clash:
         report.problem(where["admin_listen"], f"must differ from listen ({a})")
+
+
+def _check_cache_trust(cache: CacheSettings, auth: AuthSettings, report: Report) -> None:
+    """Warn (loudly: check-config shows it, ``run`` logs it) about a Redis that others can reach unkeyed.
+
+    Without ``cache.encryption_key_file`` a Redis value is a clear bearer token that no
+    one vouches for: anyone who can read the server can take it, anyone who can write it
+    can swap it. Each token read back is still checked (with ``auth.verify``, against the
+    issuer's keys), but only a key makes Redis values unforgeable. A Redis on loopback or a
+    unix socket is reachable only from this host, so it gets no warning. Not refused:
+    a private network with Redis AUTH and TLS may be the operator's accepted risk.
+    """
+    if cache.encryption_key_file is not None:
+        return
+    exposed = [host for host in _cache_hosts(cache.url) if not _loopback(host)]
+    if exposed:
+        also = "" if auth.verify else "; with auth.verify off, whoever can write Redis chooses the token sent"
+        report.warn(
+            "cache.url",
+            "tokens in Redis are stored in clear and not authenticated; set cache.encryption_key_file"
+            f" (Redis {'hosts' if len(exposed) > 1 else 'host'} {', '.join(exposed)}"
+            f" {'are' if len(exposed) > 1 else 'is'} not loopback{also})",
+        )
+
+
+def _cache_hosts(url: str) -> list[str]:
+    """The host names of a ``redis*://`` URL (every node of a Sentinel or Cluster list); none
+    for ``memory://``, ``unix://`` and a URL the value checks already refused."""
+    scheme, _, rest = url.partition("://")
+    if not scheme.lower().startswith("redis"):
+        return []
+    netloc = rest.partition("?")[0].partition("/")[0].rpartition("@")[2]  # credentials never shown
+    try:
+        return [host_port(item)[0] for item in netloc.split(",")]
+    except ValueError:
+        return []
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return host.lower().rstrip(".") == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -115,6 +115,12 @@ class Metrics:
             ["op"],
             registry=r,
         )
+        self.redis_tokens_rejected = Counter(
+            "ccp_redis_tokens_rejected",
+            "Tokens read from Redis that were refused and never sent, by reason.",
+            ["reason"],
+            registry=r,
+        )
         self.in_flight = Gauge(
             "ccp_in_flight_requests",
             "Requests being proxied right now.",

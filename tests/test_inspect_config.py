@@ -63,7 +63,7 @@ def test_check_shows_warnings_and_never_the_secret() -> None:
             "scopes": ["decisions:read", "identity:read"],
         },
     ]
-    s = settings(routes, cache={"url": "redis://ccp:hunter2@redis:6379/0"})
+    s = settings(routes, cache={"url": "redis://ccp:hunter2@redis:6379/0", "encryption_key_file": "/run/k"})
     text = render_check(s)
     assert "Warnings: 1\n  - routes[1] is shadowed by routes[0] (GET /partner/v1/decisions/**)" in text
     assert "decisions:read identity:read" in text, "a scope set is shown in its wire form"

@@ -35,6 +35,7 @@ from proxy.metrics import Metrics
 from proxy.settings import RefreshSettings
 from proxy.tokens.cache import MemoryTokenCache, TokenCache
 from proxy.tokens.model import CacheKey, Credentials, Token
+from proxy.tokens.redis_trust import SharedTokenTrust
 
 log = logging.getLogger("proxy.tokens")
 
@@ -63,6 +64,7 @@ class TokenManager:
         metrics: Metrics,
         shared: TokenCache | None = None,
         rng: random.Random | None = None,
+        trust: SharedTokenTrust | None = None,
     ) -> None:
         self._source = source
         self._credentials = credentials
@@ -70,6 +72,9 @@ class TokenManager:
         self._clock = clock
         self._metrics = metrics
         self._shared = shared
+        # Checks every token read from ``shared`` before it is used (``proxy.tokens.redis_trust``). The
+        # runtime always passes one; None (unit tests of the tiers alone) takes Redis at its word.
+        self._trust = trust
         self._rng = rng or random.Random()
         self.memory = MemoryTokenCache(clock)
         self._flights: dict[CacheKey, asyncio.Task[Token]] = {}
@@ -220,6 +225,8 @@ class TokenManager:
         if self._shared is None:
             return None
         token = await self._shared.get(key)
+        if token is not None and self._trust is not None:
+            token = await self._trust.admit(key, token, self._shared)  # None: refused, purged, counted
         if token is None or token.same_as(rejected) or not self.usable(token, self._clock()):
             self._metrics.cache_lookups.labels("redis", "miss").inc()
             return None
@@ -277,6 +284,8 @@ class TokenManager:
         return max(usable, key=lambda t: t.expires_at, default=None)
 
     async def _store_memory(self, key: CacheKey, token: Token) -> None:
+        if self._trust is not None:
+            self._trust.note(key, token)  # the slot's newest token: an older one read later is a replay
         await self.memory.put(key, token)
         self._metrics.token_ttl.labels(key.scope_label, key.audience).set(token.expires_at - self._clock())
 

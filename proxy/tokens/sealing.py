@@ -8,6 +8,12 @@ another slot fails authentication instead of being served for the wrong
 scope set), and the key id stored beside the ciphertext so a rotated key
 file (new key first, old keys after) keeps reading what the old key wrote.
 
+What the seal cannot stop is a replay: someone who can write Redis but has
+no key can copy an older sealed value of the same slot back. It carries its
+own issue time (the JWT's ``iat``, and the minting replica's ``iat`` inside
+the seal), so ``proxy.tokens.redis_trust`` refuses a value older than the newest one
+this process has held; the format needs nothing more, and stays ``v: 1``.
+
 A value that cannot be read (unknown key id, failed authentication, a
 plaintext value while a key is configured, garbage) decodes to None: a cache
 miss, never an exception on the request path.

@@ -1,4 +1,5 @@
-"""Local verification of minted tokens against the issuer's JWKS.
+"""Local verification of tokens against the issuer's JWKS: every minted token, and every token
+read from Redis before its first use (``proxy.tokens.redis_trust``).
 
 The proxy treats tokens as opaque bearer strings, but checking a freshly
 minted one (ES256 signature, iss, aud, exp, scope) catches a misrouted or
@@ -33,11 +34,23 @@ _DECODE_OPTIONS: Any = {
 
 
 class TokenVerificationError(Exception):
-    """A minted token failed verification; the message gives the reason, never the token."""
+    """A token failed verification; the message gives the reason, never the token.
+
+    ``reason`` is one word from a fixed set (``malformed``, ``signature``, ``issuer``,
+    ``audience``, ``scopes``, ``expired``, ``not_yet_valid``, ``unverifiable``), so a caller
+    can count refusals by it without parsing the message (a metric label must stay bounded).
+    """
+
+    def __init__(self, message: str, reason: str = "malformed") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class JwksUnavailable(TokenVerificationError):
     """The signing keys could not be fetched, so nothing can be verified."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "unverifiable")
 
 
 async def read_bounded(resp: aiohttp.ClientResponse, limit: int) -> bytes:
@@ -82,7 +95,7 @@ def parse_jwks(document: Any) -> dict[str, jwt.PyJWK]:
     return keys
 
 
-def _scope_claim(claims: dict[str, Any]) -> set[str]:
+def scope_claim(claims: dict[str, Any]) -> set[str]:
     """Scopes in the token: RFC 9068 ``scope`` string, or an ``scp`` list."""
     scope = claims.get("scope")
     if isinstance(scope, str):
@@ -137,9 +150,9 @@ class JwtVerifier:
         key = await self._key_for(kid)
         claims = self._decode(token_value, key, audience)
         self._check_times(claims)
-        missing = set(scopes) - _scope_claim(claims)
+        missing = set(scopes) - scope_claim(claims)
         if missing:
-            raise TokenVerificationError(f"token lacks granted scopes: {' '.join(sorted(missing))}")
+            raise TokenVerificationError(f"token lacks granted scopes: {' '.join(sorted(missing))}", "scopes")
         return claims
 
     def _check_header(self, token_value: str) -> str:
@@ -150,7 +163,8 @@ class JwtVerifier:
         alg = header.get("alg")
         if alg != ALGORITHM:
             shown = alg if isinstance(alg, str) and len(alg) <= 16 else "?"
-            raise TokenVerificationError(f"token algorithm {shown!r} not allowed (only {ALGORITHM})")
+            message = f"token algorithm {shown!r} not allowed (only {ALGORITHM})"
+            raise TokenVerificationError(message, "signature")
         kid = header.get("kid")
         if not isinstance(kid, str) or not kid:
             raise TokenVerificationError("token header has no kid")
@@ -167,11 +181,11 @@ class JwtVerifier:
                 options=_DECODE_OPTIONS,
             )
         except jwt.exceptions.InvalidAudienceError:
-            raise TokenVerificationError("token audience does not match") from None
+            raise TokenVerificationError("token audience does not match", "audience") from None
         except jwt.exceptions.InvalidIssuerError:
-            raise TokenVerificationError("token issuer does not match") from None
+            raise TokenVerificationError("token issuer does not match", "issuer") from None
         except jwt.exceptions.InvalidSignatureError:
-            raise TokenVerificationError("token signature invalid") from None
+            raise TokenVerificationError("token signature invalid", "signature") from None
         except jwt.exceptions.MissingRequiredClaimError as exc:
             raise TokenVerificationError(f"token lacks the {exc.claim!r} claim") from None
         except jwt.exceptions.PyJWTError as exc:
@@ -183,9 +197,9 @@ class JwtVerifier:
         if not isinstance(exp, int | float) or isinstance(exp, bool):
             raise TokenVerificationError("token exp is not a number")
         if exp <= now - self._leeway:
-            raise TokenVerificationError("token already expired")
+            raise TokenVerificationError("token already expired", "expired")
         if isinstance(nbf, int | float) and nbf > now + self._leeway:
-            raise TokenVerificationError("token not valid yet (nbf)")
+            raise TokenVerificationError("token not valid yet (nbf)", "not_yet_valid")
 
     async def _key_for(self, kid: str) -> jwt.PyJWK:
         """The key for ``kid``: from the cache, after a TTL refresh, or after an unknown-kid refetch.
@@ -196,7 +210,7 @@ class JwtVerifier:
             await self._refreshing.run(self._refresh)
         key = self._keys.get(kid)
         if key is None:
-            raise TokenVerificationError("token signed with an unknown key (kid)")
+            raise TokenVerificationError("token signed with an unknown key (kid)", "signature")
         return key
 
     def _refresh_due(self, kid: str, now: float) -> bool:
