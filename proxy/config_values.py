@@ -21,6 +21,7 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 from proxy.config_report import Report, key_path
+from proxy.redact import mask_url
 from proxy.routes import parse_bool, show
 from proxy.scopes import KNOWN_AUDIENCES
 from proxy.settings import ListenAddress
@@ -177,9 +178,9 @@ def check_url(url: str, *, origin: bool = False) -> str | None:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises on a bad port
     except ValueError as exc:
-        return f"not a valid URL {show(url)}: {exc}"
+        return f"not a valid URL {show(mask_url(url))}: {exc}"
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        return f"expected an http(s) URL, got {show(url)}"
+        return f"expected an http(s) URL, got {show(mask_url(url))}"
     if parts.username is not None or parts.password is not None:
         return "must not contain credentials (user:password@)"
     if parts.query or parts.fragment:
@@ -203,16 +204,24 @@ _REDIS_PATHS: Final = {
 
 
 def check_cache_url(url: str) -> str | None:
-    """``memory://``; ``redis[s]://[auth@]host[:port][/db]``; ``unix:///path.sock``;
+    """``memory://``; ``redis[s]://[auth@]host[:port][/db]``; ``unix://[auth@]/path.sock``;
     ``redis+sentinel://[auth@]h:p[,h:p...]/service_name[/db]``; ``redis[s]+cluster://[auth@]h:p[,h:p...]``.
-    Query options (``?db=``) pass through to the client."""
+    Query options (``?db=``) pass through to the client. Messages show the URL masked (``mask_url``):
+    a mistyped scheme must not print the password that follows it."""
     scheme, sep, rest = url.partition("://")
     scheme = scheme.lower()
+    if sep and "@" in rest and any(ch in rest[: rest.rfind("@")] for ch in "/?#"):
+        # The client would end the host part at that character and read the rest of the
+        # password as the path; the pieces this check would then quote hold part of it.
+        return (
+            "percent-encode '/', '?' and '#' in the user and password (%2F, %3F, %23)"
+            " and an '@' after the host (%40)"
+        )
     if sep and scheme in ("memory", "unix"):
-        ok = rest == "" if scheme == "memory" else rest.startswith("/")
+        ok = rest == "" if scheme == "memory" else rest.rpartition("@")[2].startswith("/")
         return None if ok else "expected memory:// or unix:///absolute/path.sock"
     if not sep or scheme not in _REDIS_PATHS:
-        return f"expected memory://, unix:// or a {', '.join(_REDIS_PATHS)} URL, got {show(url)}"
+        return f"expected memory://, unix:// or a {', '.join(_REDIS_PATHS)} URL, got {show(mask_url(url))}"
     netloc, slash, tail = rest.partition("?")[0].partition("/")
     hosts = netloc.rpartition("@")[2].split(",")
     if scheme in ("redis", "rediss") and len(hosts) > 1:

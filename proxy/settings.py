@@ -6,9 +6,10 @@ validated once, at start, and cannot change under a running request.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
+from proxy.redact import mask_url
 from proxy.scopes import DEFAULT_AUDIENCE
 
 MiB = 1024 * 1024
@@ -60,10 +61,17 @@ class AuthSettings:
 
 @dataclass(frozen=True, slots=True)
 class CacheSettings:
-    url: str = "memory://"
+    url: str = "memory://"  # may hold a Redis password: the repr masks it
     key_prefix: str = "ccp"
     encryption_key_file: str | None = None
     timeout_s: float = 0.5  # every Redis call; an outage must never stall a request
+
+    def __repr__(self) -> str:  # kept by @dataclass: a settings repr lands in logs and tracebacks
+        values = ", ".join(
+            f"{f.name}={mask_url(self.url) if f.name == 'url' else getattr(self, f.name)!r}"
+            for f in fields(self)
+        )
+        return f"CacheSettings({values})"
 
 
 @dataclass(frozen=True, slots=True)
