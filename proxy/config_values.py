@@ -238,6 +238,15 @@ def check_cache_url(url: str) -> str | None:
     return None
 
 
+_HEADER_NAME: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def _check_header_names(names: tuple[str, ...]) -> str | None:
+    """Each a header name (an RFC 9110 token): a typo with a space or a colon would strip nothing."""
+    bad = [name for name in names if not _HEADER_NAME.fullmatch(name)]
+    return f"not a header name: {', '.join(show(name) for name in bad)}" if bad else None
+
+
 def _one_of(choices: typing.Collection[str]) -> Callable[[str], str | None]:
     return lambda v: None if v in choices else f"expected one of {', '.join(sorted(choices))}, got {show(v)}"
 
@@ -259,6 +268,7 @@ _VALUE_CHECKS: Final[dict[str, Callable[[Any], str | None]]] = {
     "upstream.response_buffer_bytes": _check_range(
         lambda v: 0 <= v <= 16 * 1024 * 1024, "must be between 0 and 16777216 (16 MiB)"
     ),
+    "upstream.strip_headers": _check_header_names,
     "auth.issuer": check_url,
     "auth.token_endpoint": check_url,
     "auth.client_id": lambda v: None if v.strip() else "must not be empty",

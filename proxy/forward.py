@@ -28,7 +28,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy import connections, errors
-from proxy.headers import downstream_response_headers, upstream_request_headers
+from proxy.headers import downstream_response_headers, header_names, upstream_request_headers
 from proxy.logs import REQUEST_ID, write_request_line
 from proxy.metrics import Metrics
 from proxy.paths import SafeTarget, validate_target
@@ -93,6 +93,7 @@ class Forwarder:
         self._metrics = metrics
         self._clock = clock
         self._access_log = access_log_enabled
+        self._strip = header_names(upstream.strip_headers)
         self._in_flight = metrics.in_flight
         # Metric children by label values, so the hot path skips prometheus-client's labels() lookup.
         self._request_counters: dict[tuple[str, str, int], Any] = {}
@@ -136,7 +137,7 @@ class Forwarder:
         self._check_declared_length(request)
         await _answer_expectation(request)
         headers = upstream_request_headers(
-            request.headers, replace_forwarded=self._settings.forwarded_headers
+            request.headers, replace_forwarded=self._settings.forwarded_headers, strip=self._strip
         )
         self._add_forwarding_headers(request, headers, ex)
         body, replayable = await self._request_body(request, ex)

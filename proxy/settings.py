@@ -7,12 +7,23 @@ validated once, at start, and cannot change under a running request.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Literal
+from typing import Final, Literal
 
 from proxy.redact import mask_url
 from proxy.scopes import DEFAULT_AUDIENCE
 
 MiB = 1024 * 1024
+
+#: Method and URL override headers. A framework or gateway that honours one acts on the method
+#: or path it names instead of the request line the route table matched, so a GET route's token
+#: would delete, or reach another path. Stripped from every request unless configured otherwise.
+OVERRIDE_HEADERS: Final = (
+    "X-HTTP-Method-Override",
+    "X-HTTP-Method",
+    "X-Method-Override",
+    "X-Original-URL",
+    "X-Rewrite-URL",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +52,8 @@ class UpstreamSettings:
     # Responses with a Content-Length up to this are relayed in one write (headers + body);
     # larger or unsized ones are streamed chunk by chunk. 0 = always stream.
     response_buffer_bytes: int = 64 * 1024
+    # Request headers never forwarded (underscore lookalikes too); the list replaces the default.
+    strip_headers: tuple[str, ...] = OVERRIDE_HEADERS
 
 
 @dataclass(frozen=True, slots=True)
