@@ -263,6 +263,7 @@ _VALUE_CHECKS: Final[dict[str, Callable[[Any], str | None]]] = {
     "upstream.connect_timeout_s": _POSITIVE,
     "upstream.read_timeout_s": _POSITIVE,
     "upstream.retry_body_limit": _NON_NEGATIVE,
+    "upstream.kept_body_budget_bytes": _NON_NEGATIVE,
     "upstream.max_body_bytes": _POSITIVE,
     "upstream.pool_size": _POSITIVE,
     "upstream.response_buffer_bytes": _check_range(

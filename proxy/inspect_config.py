@@ -131,4 +131,3 @@ def _listen(address: ListenAddress) -> str:
         return f"unix:{address.unix_path}"
     host = f"[{address.host}]" if ":" in address.host else address.host
     return f"{host}:{address.port}"
-

@@ -46,6 +46,8 @@ class UpstreamSettings:
     read_timeout_s: float = 30.0  # longest silence while reading the response
     ca_file: str | None = None
     retry_body_limit: int = 1 * MiB  # bodies up to this are kept for the 401 retry
+    # All kept bodies together, across concurrent requests; past it a body streams (no 401 retry).
+    kept_body_budget_bytes: int = 32 * MiB  # 0 = never keep
     max_body_bytes: int | None = None  # 413 body_too_large over this; None = unlimited
     forwarded_headers: bool = False  # add X-Forwarded-For / X-Forwarded-Proto
     pool_size: int = 256  # keep-alive connections to the upstream

@@ -69,7 +69,10 @@ def test_mask_url_hides_every_credential_form_and_keeps_the_rest(url: str, maske
     ("text", "masked"),
     [
         ('got "reddis://:pw@h/0?password=pw2" here', 'got "reddis://:***@h/0?password=***" here'),
-        ("Redis at redis://u:pw@h:1 and unix://:pw@/s.sock", "Redis at redis://u:***@h:1 and unix://:***@/s.sock"),
+        (
+            "Redis at redis://u:pw@h:1 and unix://:pw@/s.sock",
+            "Redis at redis://u:***@h:1 and unix://:***@/s.sock",
+        ),
         ("failed with password=pw, retry", "failed with password=***, retry"),
         ("sentinel_password = pw", "sentinel_password = ***"),
         ("no secret here: must not contain credentials (user:password@)", None),
