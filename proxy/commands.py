@@ -22,9 +22,10 @@ import yaml
 
 from proxy.app import ProxyServer, open_shared_cache
 from proxy.config import load_config, parse_config, read_yaml
-from proxy.inspect_config import mask_password, render_check, render_explain
+from proxy.inspect_config import render_check, render_explain
 from proxy.logs import configure_logging
 from proxy.metrics import Metrics
+from proxy.redact import mask_url
 from proxy.settings import ListenAddress, Settings
 
 log = logging.getLogger("proxy.cli")
@@ -250,7 +251,7 @@ async def _flush(settings: Settings) -> int:
     assert cache is not None
     try:
         if not await cache.ping():
-            where = mask_password(settings.cache.url)
+            where = mask_url(settings.cache.url)
             print(f"flush failed: Redis at {where} is unreachable", file=sys.stderr)
             return 2
         dropped = await cache.purge_all(settings.auth.client_id)

@@ -84,10 +84,24 @@ def read_yaml(path: str | Path) -> Any:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"{path}: cannot read: {getattr(exc, 'strerror', None) or exc}"]) from None
     except yaml.YAMLError as exc:
-        raise ConfigError([f"{path}: not valid YAML: {exc}".replace("\n", " ")]) from None
+        raise ConfigError([f"{path}: not valid YAML: {_yaml_problem(exc)}"]) from None
     if loader.duplicates:
         raise ConfigError([f"{path}: {d}" for d in loader.duplicates])
     return {} if data is None else data
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """Where and what, without PyYAML's snippet: it quotes the file's line, secret and all."""
+    if not isinstance(exc, yaml.MarkedYAMLError):
+        return str(exc).replace("\n", " ")
+    parts = []
+    if exc.problem_mark is not None:
+        parts.append(f"line {exc.problem_mark.line + 1}, column {exc.problem_mark.column + 1}:")
+    parts.append(exc.problem or "syntax error")
+    if exc.context:
+        started = f" at line {exc.context_mark.line + 1}" if exc.context_mark is not None else ""
+        parts.append(f"({exc.context}{started})")
+    return " ".join(parts)
 
 
 def packaged_routes() -> list[Any]:

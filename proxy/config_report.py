@@ -11,6 +11,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any
 
+from proxy.redact import mask_secrets_in
 from proxy.routes import did_you_mean
 
 
@@ -28,7 +29,8 @@ class Report:
             self.problems.append(f"{where}: {message}")
 
     def warn(self, where: str, message: str) -> None:
-        self.warnings.append(f"{where}: {message}")
+        """Warnings are printed by check-config and logged at start: masked like problems."""
+        self.warnings.append(mask_secrets_in(f"{where}: {message}"))
 
 
 def key_path(parent: str, key: str | int) -> str:

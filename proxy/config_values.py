@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 from proxy.config_report import Report, key_path
+from proxy.redact import mask_url
 from proxy.routes import parse_bool, show
 from proxy.scopes import KNOWN_AUDIENCES
 from proxy.settings import ListenAddress
@@ -176,16 +177,24 @@ _REDIS_PATHS: Final = {
 
 
 def check_cache_url(url: str) -> str | None:
-    """``memory://``; ``redis[s]://[auth@]host[:port][/db]``; ``unix:///path.sock``;
+    """``memory://``; ``redis[s]://[auth@]host[:port][/db]``; ``unix://[auth@]/path.sock``;
     ``redis+sentinel://[auth@]h:p[,h:p...]/service_name[/db]``; ``redis[s]+cluster://[auth@]h:p[,h:p...]``.
-    Query options (``?db=``) pass through to the client."""
+    Query options (``?db=``) pass through to the client. Messages show the URL masked (``mask_url``):
+    a mistyped scheme must not print the password that follows it."""
     scheme, sep, rest = url.partition("://")
     scheme = scheme.lower()
+    if sep and "@" in rest and any(ch in rest[: rest.rfind("@")] for ch in "/?#"):
+        # The client would end the host part at that character and read the rest of the
+        # password as the path; the pieces this check would then quote hold part of it.
+        return (
+            "percent-encode '/', '?' and '#' in the user and password (%2F, %3F, %23)"
+            " and an '@' after the host (%40)"
+        )
     if sep and scheme in ("memory", "unix"):
-        ok = rest == "" if scheme == "memory" else rest.startswith("/")
+        ok = rest == "" if scheme == "memory" else rest.rpartition("@")[2].startswith("/")
         return None if ok else "expected memory:// or unix:///absolute/path.sock"
     if not sep or scheme not in _REDIS_PATHS:
-        return f"expected memory://, unix:// or a {', '.join(_REDIS_PATHS)} URL, got {show(url)}"
+        return f"expected memory://, unix:// or a {', '.join(_REDIS_PATHS)} URL, got {show(mask_url(url))}"
     netloc, slash, tail = rest.partition("?")[0].partition("/")
     hosts = netloc.rpartition("@")[2].split(",")
     if scheme in ("redis", "rediss") and len(hosts) > 1:
@@ -200,6 +209,15 @@ def check_cache_url(url: str) -> str | None:
     if not re.fullmatch(pattern, slash + tail):
         return f"{scheme}:// takes {expected} after the host, got {show(slash + tail)}"
     return None
+
+
+_HEADER_NAME: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def _check_header_names(names: tuple[str, ...]) -> str | None:
+    """Each a header name (an RFC 9110 token): a typo with a space or a colon would strip nothing."""
+    bad = [name for name in names if not _HEADER_NAME.fullmatch(name)]
+    return f"not a header name: {', '.join(show(name) for name in bad)}" if bad else None
 
 
 def _one_of(choices: typing.Collection[str]) -> Callable[[str], str | None]:
@@ -218,11 +236,13 @@ _VALUE_CHECKS: Final[dict[str, Callable[[Any], str | None]]] = {
     "upstream.connect_timeout_s": _POSITIVE,
     "upstream.read_timeout_s": _POSITIVE,
     "upstream.retry_body_limit": _NON_NEGATIVE,
+    "upstream.kept_body_budget_bytes": _NON_NEGATIVE,
     "upstream.max_body_bytes": _POSITIVE,
     "upstream.pool_size": _POSITIVE,
     "upstream.response_buffer_bytes": _check_range(
         lambda v: 0 <= v <= 16 * 1024 * 1024, "must be between 0 and 16777216 (16 MiB)"
     ),
+    "upstream.strip_headers": _check_header_names,
     "auth.issuer": check_url,
     "auth.token_endpoint": check_url,
     "auth.client_id": lambda v: None if v.strip() else "must not be empty",

@@ -25,6 +25,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import ClassVar
 
+from proxy.redact import mask_secrets_in
+
 
 class ProxyError(Exception):
     """A failure the proxy answers itself, with its own JSON error body."""
@@ -109,5 +111,7 @@ class ConfigError(Exception):
     """A configuration with one or more problems, each naming its key path."""
 
     def __init__(self, problems: Sequence[str]) -> None:
-        self.problems = list(problems)
+        # Problems quote values (a mistyped cache URL, the YAML a file failed on), and they are
+        # printed and pasted: a credential in one is masked here, whoever raised it.
+        self.problems = [mask_secrets_in(problem) for problem in problems]
         super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in self.problems))

@@ -28,7 +28,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy import connections, errors
-from proxy.headers import downstream_response_headers, upstream_request_headers
+from proxy.headers import downstream_response_headers, header_names, upstream_request_headers
 from proxy.logs import REQUEST_ID, write_request_line
 from proxy.metrics import Metrics
 from proxy.paths import SafeTarget, validate_target
@@ -67,8 +67,50 @@ class Exchange:
     error: str | None = None
     token_digest: str | None = None
     body_over_limit: bool = False  # the streamed request body passed max_body_bytes mid-upload
+    kept_bytes: int = 0  # this request's share of the kept-body budget (see KeptBodies)
     answer_deadline: asyncio.Timeout | None = None  # armed once the request is sent (see _send)
     started: float = field(default_factory=time.perf_counter)
+
+
+class KeptBodies:
+    """The budget of request bodies kept whole in memory for a 401 retry, across all requests.
+
+    ``retry_body_limit`` bounds one body; without a total, 150 concurrent 1 MiB
+    uploads to a slow API hold 150 MiB (230 MiB of RSS measured). A body that
+    does not fit in what is left streams instead, with flat memory, and is not
+    retried on a 401 (``ccp_upstream_401_retries_total{outcome="body_not_replayable"}``).
+    A request's share is returned when its retry can no longer happen, and at the
+    latest when the request ends, whichever way it ends. One event loop, so no lock.
+    """
+
+    def __init__(self, budget: int, metrics: Metrics) -> None:
+        self.budget = budget
+        self.held = 0
+        self._gauge = metrics.kept_body_bytes
+        self._exhausted = metrics.kept_body_budget_exhausted
+
+    def reserve(self, ex: Exchange, size: int, *, keepable: bool = True) -> bool:
+        """Take ``size`` bytes for ``ex``; False when they do not fit.
+
+        A refusal is counted when it costs a body its retry (``keepable``: it was small enough
+        to be kept) and keeping is on at all (a budget of 0 is a choice, not an exhaustion).
+        """
+        if self.held + size > self.budget:
+            if self.budget and keepable:
+                self._exhausted.inc()
+            return False
+        if size:
+            self.held += size
+            ex.kept_bytes += size
+            self._gauge.set(self.held)
+        return True
+
+    def release(self, ex: Exchange) -> None:
+        """Give back ``ex``'s share; idempotent, so every exit path may call it."""
+        if ex.kept_bytes:
+            self.held -= ex.kept_bytes
+            ex.kept_bytes = 0
+            self._gauge.set(self.held)
 
 
 class Forwarder:
@@ -93,6 +135,8 @@ class Forwarder:
         self._metrics = metrics
         self._clock = clock
         self._access_log = access_log_enabled
+        self._strip = header_names(upstream.strip_headers)
+        self.kept = KeptBodies(upstream.kept_body_budget_bytes, metrics)
         self._in_flight = metrics.in_flight
         # Metric children by label values, so the hot path skips prometheus-client's labels() lookup.
         self._request_counters: dict[tuple[str, str, int], Any] = {}
@@ -117,6 +161,7 @@ class Forwarder:
             self._record(ex)
             raise
         finally:
+            self.kept.release(ex)
             self._in_flight.dec()
             REQUEST_ID.reset(context)
         if request.version < HttpVersion11 and hdrs.TRANSFER_ENCODING in request.headers:
@@ -136,10 +181,10 @@ class Forwarder:
         self._check_declared_length(request)
         await _answer_expectation(request)
         headers = upstream_request_headers(
-            request.headers, replace_forwarded=self._settings.forwarded_headers
+            request.headers, replace_forwarded=self._settings.forwarded_headers, strip=self._strip
         )
         self._add_forwarding_headers(request, headers, ex)
-        body, replayable = await self._request_body(request, ex)
+        body, replayable = await self._request_body(request, headers, ex)
         started = self._clock()
         token = await self._tokens.get(route.scopes, route.audience)
         upstream = await self._send(request, target, headers, body, token, ex)
@@ -147,6 +192,8 @@ class Forwarder:
             upstream = await self._retry_401(
                 request, route, target, headers, body, token, upstream, replayable, started, ex
             )
+        body = None  # no retry can follow: the kept body goes back to the budget before the relay
+        self.kept.release(ex)
         if upstream.status == 403:
             self._note_insufficient_scope(upstream, route, ex)
         return await self._relay(request, upstream, ex)
@@ -167,18 +214,26 @@ class Forwarder:
             headers["X-Forwarded-Proto"] = request.scheme
 
     async def _request_body(
-        self, request: web.Request, ex: Exchange
+        self, request: web.Request, headers: CIMultiDict[str], ex: Exchange
     ) -> tuple[bytes | AsyncIterator[bytes] | None, bool]:
         """The body to send, and whether it is kept whole so a 401 retry can resend it.
 
-        Bodies up to ``retry_body_limit`` are read into memory; larger ones (or
-        chunked ones that grow past the limit) are streamed with flat memory.
+        Bodies up to ``retry_body_limit`` are read into memory while the kept-body
+        budget has room for them; larger ones, chunked ones that grow past the
+        limit, and any the budget cannot take are streamed with flat memory. A
+        body streamed only because the budget was spent goes upstream with its
+        ``Content-Length`` (aiohttp's parser has held the client to it), the
+        framing it would have had if kept; larger bodies stream chunked, as always.
         """
         if not request.body_exists:
             return None, True
         keep = self._settings.retry_body_limit
-        if request.content_length is not None and request.content_length <= keep:
-            return await self._read_all(request, request.content_length), True
+        length = request.content_length
+        if length is not None and length <= keep:
+            if self.kept.reserve(ex, length):
+                return await self._read_all(request, length), True
+            headers[hdrs.CONTENT_LENGTH] = str(length)
+            return self._stream_rest(request, b"", ex), False
         limit = self._settings.max_body_bytes
         head = bytearray()
         while len(head) <= keep:
@@ -188,6 +243,10 @@ class Forwarder:
             head += chunk
             if limit is not None and len(head) > limit:  # a chunked body has no declared length
                 raise self._too_large()
+            # The head is held in memory too (until the API takes it), so it draws on the budget;
+            # a body that declared more than ``keep`` streams whatever happens (not keepable).
+            if not self.kept.reserve(ex, len(chunk), keepable=length is None):
+                break
         return self._stream_rest(request, bytes(head), ex), False
 
     async def _read_all(self, request: web.Request, length: int) -> bytes:
@@ -203,15 +262,20 @@ class Forwarder:
             raise ClientGone() from exc
 
     async def _stream_rest(self, request: web.Request, head: bytes, ex: Exchange) -> AsyncIterator[bytes]:
-        """The body after its first ``retry_body_limit`` bytes, chunk by chunk, within ``max_body_bytes``.
+        """``head`` (what was read while trying to keep the body), then the rest chunk by chunk,
+        within ``max_body_bytes``.
 
         Passing the limit is noted on ``ex`` before raising: aiohttp's client
         wraps whatever the body iterator raises in a connection error, and
-        ``_send`` turns that note back into ``413 body_too_large``.
+        ``_send`` turns that note back into ``413 body_too_large``. The budget
+        share the head took is returned once the head is handed on.
         """
         limit = self._settings.max_body_bytes
         sent = len(head)
-        yield head
+        if head:
+            yield head
+            del head
+        self.kept.release(ex)
         while chunk := await request.content.readany():
             sent += len(chunk)
             if limit is not None and sent > limit:
@@ -539,4 +603,3 @@ def _check_transfer_coding(request: web.Request) -> None:
     codings = _transfer_codings(request.headers)
     if codings and codings != ["chunked"]:
         raise errors.BadRequest("Transfer-Encoding other than a single 'chunked' is not supported")
-

@@ -12,10 +12,20 @@ servers (WSGI, PHP, many gateways) map both to the same variable
 ``HTTP_PROXY_AUTHORIZATION``), so a lookalike of a header the proxy drops or
 sets itself would reach the API as that header. nginx drops every underscored
 name by default; the proxy drops only the lookalikes and keeps the rest.
+
+Method and URL override headers (``X-HTTP-Method-Override``, ``X-Original-URL``
+and the rest of ``upstream.strip_headers``) are stripped, not refused. The
+route table chose the token for the request line it matched; a gateway or
+framework that honours an override would spend that token on another method
+or path. Stripping keeps the request's meaning the one that was checked, and
+does not break clients whose libraries add such a header on their own (PATCH
+tunnelled as POST); a client that depended on one gets the plain request its
+request line says, which the route table did allow.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Final
 
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -40,6 +50,8 @@ HOP_BY_HOP: Final = frozenset(
 REQUEST_DROP: Final = HOP_BY_HOP | {"authorization", "host", "content-length", "expect"}
 FORWARDED: Final = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded"})
 #: Headers the proxy writes itself; a client's underscore lookalike of one is dropped.
+#: (Lookalikes of the configured ``upstream.strip_headers`` and of ``REQUEST_DROP`` are dropped
+#: because the comparison is made on the dashed, lower-cased name.)
 PROXY_SET: Final = frozenset({"x-request-id"}) | FORWARDED
 #: Framing of the response is re-done by our server; everything else passes through as sent.
 RESPONSE_DROP: Final = HOP_BY_HOP | {"content-length"}
@@ -52,11 +64,23 @@ def _connection_listed(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set
     return listed
 
 
+def header_names(names: Iterable[str]) -> frozenset[str]:
+    """Names as ``upstream_request_headers`` compares them: lower-case, ``_`` read as ``-``."""
+    return frozenset(name.lower().replace("_", "-") for name in names)
+
+
 def upstream_request_headers(
-    incoming: CIMultiDictProxy[str], *, replace_forwarded: bool = False
+    incoming: CIMultiDictProxy[str],
+    *,
+    replace_forwarded: bool = False,
+    strip: frozenset[str] = frozenset(),
 ) -> CIMultiDict[str]:
-    """The client's end-to-end headers, minus everything that must not reach the API."""
-    drop = REQUEST_DROP | _connection_listed(incoming)
+    """The client's end-to-end headers, minus everything that must not reach the API.
+
+    ``strip`` (from ``header_names``) are further names never forwarded: the method and URL
+    override headers by default.
+    """
+    drop = REQUEST_DROP | strip | _connection_listed(incoming)
     if replace_forwarded:
         drop = drop | FORWARDED
     out: CIMultiDict[str] = CIMultiDict()

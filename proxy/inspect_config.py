@@ -5,16 +5,17 @@ token each request gets, so these views answer the operator's two questions:
 "what does this config allow, and with which scope sets?" and "what would
 happen to *this* request?". They take a ``Settings`` (already validated) and
 return text; the CLI prints it. Nothing here prints a secret: the client
-secret is never shown and a password in the cache URL is masked.
+secret is never shown and every URL goes through ``mask_url`` (a Redis password
+may sit in the cache URL's userinfo or in a ``?password=`` option).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from urllib.parse import urlsplit
 
 from proxy.errors import BadRequest
 from proxy.paths import validate_target
+from proxy.redact import mask_url
 from proxy.routes import RouteTable
 from proxy.scopes import scope_set_label
 from proxy.settings import ListenAddress, RouteSpec, Settings
@@ -56,7 +57,7 @@ def render_explain(settings: Settings, method: str, raw_target: str) -> tuple[st
         *(["  params:   " + ", ".join(f"{k}={v}" for k, v in found.params.items())] if found.params else []),
         f"  scopes:   {scope_set_label(route.scopes)}",
         f"  audience: {route.audience}",
-        f"  upstream: {settings.upstream.url.rstrip('/')}{target.path}{query}",
+        f"  upstream: {mask_url(settings.upstream.url.rstrip('/'))}{target.path}{query}",
     ]
     if method == "HEAD" and "HEAD" not in route.methods and "*" not in route.methods:
         lines.append("  note:     HEAD is allowed wherever GET is")
@@ -67,12 +68,13 @@ def render_explain(settings: Settings, method: str, raw_target: str) -> tuple[st
 def _summary(settings: Settings) -> str:
     auth = settings.auth
     secret = f"from {auth.client_secret_file}" if auth.client_secret_file else "inline client_secret"
+    endpoint = f" (token endpoint {mask_url(auth.token_endpoint)})" if auth.token_endpoint else ""
     rows = [
-        ("upstream", settings.upstream.url),
-        ("issuer", auth.issuer + (f" (token endpoint {auth.token_endpoint})" if auth.token_endpoint else "")),
+        ("upstream", mask_url(settings.upstream.url)),
+        ("issuer", mask_url(auth.issuer) + endpoint),
         ("client", f"{auth.client_id} ({auth.method}, secret {secret})"),
         ("listen", f"{_listen(settings.listen)}  admin {_listen(settings.admin_listen)}"),
-        ("cache", mask_password(settings.cache.url)),
+        ("cache", mask_url(settings.cache.url)),
     ]
     return "Config OK\n" + "\n".join(f"  {k + ':':<10}{v}" for k, v in rows)
 
@@ -129,13 +131,3 @@ def _listen(address: ListenAddress) -> str:
         return f"unix:{address.unix_path}"
     host = f"[{address.host}]" if ":" in address.host else address.host
     return f"{host}:{address.port}"
-
-
-def mask_password(url: str) -> str:
-    """``redis://user:secret@host`` -> ``redis://user:***@host``: check-config and flush output get pasted."""
-    netloc = urlsplit(url).netloc
-    userinfo, at, _ = netloc.rpartition("@")
-    if not at or ":" not in userinfo:
-        return url
-    user = userinfo.split(":", 1)[0]
-    return url.replace(netloc, f"{user}:***@{netloc.rpartition('@')[2]}", 1)

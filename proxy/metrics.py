@@ -103,6 +103,16 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.kept_body_budget_exhausted = Counter(
+            "ccp_kept_body_budget_exhausted",
+            "Bodies streamed instead of kept because the kept-body budget was spent",
+            registry=r,
+        )
+        self.kept_body_bytes = Gauge(
+            "ccp_kept_body_bytes",
+            "Request-body bytes kept in memory for a possible 401 retry, now.",
+            registry=r,
+        )
         self.insufficient_scope = Counter(
             "ccp_insufficient_scope",
             "Upstream 403 insufficient_scope by route and scope.",

@@ -6,12 +6,24 @@ validated once, at start, and cannot change under a running request.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, fields
+from typing import Final, Literal
 
+from proxy.redact import mask_url
 from proxy.scopes import DEFAULT_AUDIENCE
 
 MiB = 1024 * 1024
+
+#: Method and URL override headers. A framework or gateway that honours one acts on the method
+#: or path it names instead of the request line the route table matched, so a GET route's token
+#: would delete, or reach another path. Stripped from every request unless configured otherwise.
+OVERRIDE_HEADERS: Final = (
+    "X-HTTP-Method-Override",
+    "X-HTTP-Method",
+    "X-Method-Override",
+    "X-Original-URL",
+    "X-Rewrite-URL",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,12 +46,16 @@ class UpstreamSettings:
     read_timeout_s: float = 30.0  # longest silence while reading the response
     ca_file: str | None = None
     retry_body_limit: int = 1 * MiB  # bodies up to this are kept for the 401 retry
+    # All kept bodies together, across concurrent requests; past it a body streams (no 401 retry).
+    kept_body_budget_bytes: int = 32 * MiB  # 0 = never keep
     max_body_bytes: int | None = None  # 413 body_too_large over this; None = unlimited
     forwarded_headers: bool = False  # add X-Forwarded-For / X-Forwarded-Proto
     pool_size: int = 256  # keep-alive connections to the upstream
     # Responses with a Content-Length up to this are relayed in one write (headers + body);
     # larger or unsized ones are streamed chunk by chunk. 0 = always stream.
     response_buffer_bytes: int = 64 * 1024
+    # Request headers never forwarded (underscore lookalikes too); the list replaces the default.
+    strip_headers: tuple[str, ...] = OVERRIDE_HEADERS
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,10 +79,17 @@ class AuthSettings:
 
 @dataclass(frozen=True, slots=True)
 class CacheSettings:
-    url: str = "memory://"
+    url: str = "memory://"  # may hold a Redis password: the repr masks it
     key_prefix: str = "ccp"
     encryption_key_file: str | None = None
     timeout_s: float = 0.5  # every Redis call; an outage must never stall a request
+
+    def __repr__(self) -> str:  # kept by @dataclass: a settings repr lands in logs and tracebacks
+        values = ", ".join(
+            f"{f.name}={mask_url(self.url) if f.name == 'url' else getattr(self, f.name)!r}"
+            for f in fields(self)
+        )
+        return f"CacheSettings({values})"
 
 
 @dataclass(frozen=True, slots=True)

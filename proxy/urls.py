@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Final
 from urllib.parse import urlsplit
 
+from proxy.redact import mask_url
 from proxy.routes import show
 
 #: A DNS host name in ASCII: labels of letters, digits and inner hyphens, an optional final dot.
@@ -52,9 +53,9 @@ def url_problem(url: str, *, origin: bool = False) -> UrlProblem | None:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises on a bad port
     except ValueError as exc:
-        return UrlProblem("not_a_url", f"not a valid URL {show(url)}: {exc}")
+        return UrlProblem("not_a_url", f"not a valid URL {show(mask_url(url))}: {exc}")
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        return UrlProblem("scheme", f"expected an http(s) URL, got {show(url)}")
+        return UrlProblem("scheme", f"expected an http(s) URL, got {show(mask_url(url))}")
     if parts.username is not None or parts.password is not None:
         return UrlProblem("userinfo", "must not contain credentials (user:password@)")
     if parts.query or parts.fragment:

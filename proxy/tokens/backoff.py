@@ -187,6 +187,10 @@ class MintRateLimiter:
             return now
         return max(now, self._starts[0] + self._window)
 
+    def refused_for(self, now: float) -> float:
+        """Seconds until ``acquire`` would stop refusing (0: it would take or wait for a slot)."""
+        return max(0.0, self.next_slot(now) - now - self._max_wait)
+
     async def acquire(self) -> None:
         """Wait for a slot, or raise TokenUnavailable if it is too far out."""
         now = self._clock()
@@ -280,6 +284,23 @@ class MintGate:
         """A new secret arrived; True if that lifted a latch."""
         latched, self._rejected_generation = self._rejected_generation is not None, None
         return latched
+
+    def refused_for(self, generation: int, key: CacheKey) -> float:
+        """Seconds a mint for ``key`` would still be refused without a call (0: it would go ahead).
+
+        ``inf`` while the credentials are latched: only a new secret (a new key) lifts that.
+        The same rules as ``refusal``, without building an error, for callers that ask per request.
+        """
+        if self.is_rejected(generation):
+            return math.inf
+        now = self._clock()
+        state = self._key_backoff.get(key)
+        return max(
+            self._scope_memo.get(key, now) - now,
+            self.backoff.remaining(now),
+            state.remaining(now) if state else 0.0,
+            0.0,
+        )
 
     def refusal(self, generation: int, key: CacheKey) -> tuple[str, ProxyError] | None:
         """(metric result, error) when the answer is known without calling; None to go ahead."""

@@ -16,6 +16,9 @@ Freshness, judged by the injected clock:
   jitter so replicas and scope sets do not line up.
 * a token past ``refresh_at`` is *stale*: still served, while a background
   flight replaces it; if the token endpoint is down it keeps being served.
+  While the source is backing off no flight is started for it at all (it could
+  only be refused), and ``serve_stale`` is logged once per backoff period per
+  scope set: an outage under load is a handful of log lines, not one per request.
 * a token within ``send_margin`` of expiry is *unusable*: never sent, because
   it could expire on the way to the API.
 """
@@ -45,6 +48,10 @@ _MAX_SEND_MARGIN_S = 5.0
 
 class Minter(Protocol):
     async def mint(self, scopes: tuple[str, ...], audience: str) -> Token: ...
+
+    def refused_for(self, key: CacheKey) -> float:
+        """Seconds a mint for ``key`` would be refused without calling the endpoint (0: tried)."""
+        ...
 
 
 class CredentialSource(Protocol):
@@ -83,6 +90,7 @@ class TokenManager:
         # needs them. Held as pairs, not keys, so a rotated secret's new keys are pinned too.
         self._pinned: frozenset[tuple[tuple[str, ...], str]] = frozenset()
         self._due: dict[str, float] = {}  # token digest -> refresh_at (jittered once per token)
+        self._stale_quiet_until: dict[CacheKey, float] = {}  # no serve_stale warning again before
         self._keys: dict[tuple[str, tuple[str, ...]], CacheKey] = {}
         self._keys_fingerprint = ""
         self._memory_hit = metrics.cache_lookups.labels("memory", "hit")
@@ -110,7 +118,8 @@ class TokenManager:
         if token is not None and self.usable(token, now):
             if now >= self.refresh_at(token):
                 self._memory_stale.inc()
-                self._start_flight(key, None)  # refresh behind the request, never in front of it
+                if key not in self._flights and not self._source.refused_for(key):
+                    self._start_flight(key, None)  # refresh behind the request, never in front of it
             else:
                 self._memory_hit.inc()
             self._metrics.token_age_at_use.observe(now - token.issued_at)
@@ -241,19 +250,30 @@ class TokenManager:
             chosen = self._fallback_now(key, fallback, rejected)
             if chosen is None:
                 raise
-            log.warning(
-                "token endpoint failing; serving the still-valid cached token",
-                extra={
-                    "event": "serve_stale",
-                    "scopes": key.scope_label,
-                    "previous_secret": chosen is not fallback,
-                },
-            )
+            self._log_serve_stale(key, previous_secret=chosen is not fallback)
             return chosen
         await self._store_memory(key, token)
         if self._shared is not None:
             await self._shared.put(key, token)
         return token
+
+    def _log_serve_stale(self, key: CacheKey, *, previous_secret: bool) -> None:
+        """Warn once per backoff period per scope set; repeats inside it are debug lines.
+
+        The failure that ended this mint has just set the source's backoff, so its length is
+        the quiet period: the next attempt (the refresher's, when it ends) may warn again.
+        """
+        now = self._clock()
+        quiet = now < self._stale_quiet_until.get(key, now)
+        if not quiet:
+            if len(self._stale_quiet_until) > 4096:
+                self._stale_quiet_until.clear()
+            self._stale_quiet_until[key] = now + self._source.refused_for(key)
+        log.log(
+            logging.DEBUG if quiet else logging.WARNING,
+            "token endpoint failing; serving the still-valid cached token",
+            extra={"event": "serve_stale", "scopes": key.scope_label, "previous_secret": previous_secret},
+        )
 
     def _fallback_now(self, key: CacheKey, fallback: Token | None, rejected: Token | None) -> Token | None:
         """What to serve when the mint failed, judged now: a long mint may have outlived ``fallback``."""
@@ -293,6 +313,8 @@ class TokenManager:
     async def refresh_due(self) -> int:
         """Start a flight for every recently used key whose token is stale or gone.
 
+        Not for a key whose token still serves while the source would refuse its mint (backing
+        off): that flight could only count a refusal; the first tick after the backoff tries it.
         Returns how many flights were started. Keys idle longer than
         ``refresh.idle_s`` are forgotten: nobody needs their token kept warm.
         """
@@ -312,10 +334,13 @@ class TokenManager:
             if token is not None:
                 left = max(0.0, token.expires_at - now)
                 self._metrics.token_ttl.labels(key.scope_label, key.audience).set(left)
-            if key not in self._flights and (token is None or now >= self.refresh_at(token)):
-                counted = functools.partial(self._count_refresh, key, token)
-                self._start_flight(key, None).add_done_callback(counted)
-                started += 1
+            if key in self._flights or (token is not None and now < self.refresh_at(token)):
+                continue
+            if token is not None and self.usable(token, now) and self._source.refused_for(key):
+                continue  # it could only be refused and keep this token: tried once the backoff ends
+            counted = functools.partial(self._count_refresh, key, token)
+            self._start_flight(key, None).add_done_callback(counted)
+            started += 1
         return started
 
     def _forget_ttl(self, key: CacheKey) -> None:

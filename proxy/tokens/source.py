@@ -134,6 +134,19 @@ class TokenSource:
             raise TokenUnavailable("the discovery document names no jwks_uri; cannot verify tokens")
         return uri
 
+    def refused_for(self, key: CacheKey) -> float:
+        """Seconds a mint for ``key`` would be refused here without calling (0: it would be tried).
+
+        Synchronous and I/O-free, so the request path can ask it for every stale token: while
+        the endpoint is backing off (or latched, or over the rate ceiling) starting a refresh
+        would only count one more refusal and serve the same stale token.
+        """
+        now = self._clock()
+        return max(
+            self._gate.refused_for(self._credentials.current().generation, key),
+            self._limiter.refused_for(now),
+        )
+
     def health(self) -> SourceHealth:
         """What /readyz needs, without I/O."""
         backoff = self._gate.backoff
