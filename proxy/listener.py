@@ -413,12 +413,10 @@ class BoundedConnection(RequestHandler):
         if self._head_deadline is None:  # the first byte of a later request's head
             self._stop_keepalive_timer()
             self._arm_head_deadline()
-        window = self._carry + data
-        end = window.find(_HEAD_END)
+        end = self._end_of_block(data)
         complete = end >= 0
-        take = end + len(_HEAD_END) - len(self._carry) if complete else len(data)
+        take = end if complete else len(data)
         piece = data[:take]
-        self._carry = b"" if complete else window[-3:]
         self._head_bytes += take
         self._head_lines += piece.count(b"\n")
         fields = self._head_lines - (2 if complete else 1)  # not the request line or the blank line
@@ -446,13 +444,29 @@ class BoundedConnection(RequestHandler):
             if self._body_left == 0:
                 self._body = None
         else:  # chunked: the body ends right after a CRLF CRLF (the last chunk, then the trailers)
-            window = self._carry + data
-            end = window.find(_HEAD_END)
-            take = end + len(_HEAD_END) - len(self._carry) if end >= 0 else len(data)
-            self._carry = b"" if end >= 0 else window[-3:]
+            end = self._end_of_block(data)
+            take = end if end >= 0 else len(data)
         self._feed(data[:take])
         self._check_body_end()
         return data[take:]
+
+    def _end_of_block(self, data: bytes) -> int:
+        """The index just past the first CRLF CRLF in ``data`` (one may start in the previous read), or -1.
+
+        Remembers the last bytes of a ``data`` without one, for the next read.
+        """
+        carry = self._carry
+        if carry:
+            edge = (carry + data[:3]).find(_HEAD_END)
+            if edge >= 0:
+                self._carry = b""
+                return edge + len(_HEAD_END) - len(carry)
+        end = data.find(_HEAD_END)
+        if end >= 0:
+            self._carry = b""
+            return end + len(_HEAD_END)
+        self._carry = data[-3:] if len(data) >= 3 else (carry + data)[-3:]
+        return -1
 
     def _feed(self, piece: bytes) -> None:
         before = self._request_count

@@ -220,6 +220,35 @@ async def test_more_than_max_headers_is_431(
     assert await limit_hits(http, proxy, listener, "header_count") == 1
 
 
+@pytest.mark.parametrize("framing", ["no-body", "content-length", "chunked"])
+async def test_each_pipelined_head_is_counted_from_its_own_first_byte(
+    start_proxy: StartProxy, http: aiohttp.ClientSession, framing: str
+) -> None:
+    """Where one head (or its body) ends and the next begins is found exactly, even when the end of
+    a head is split across two reads: a 3 KB head after another is served, a 5 KB one is 431."""
+    proxy = await start_proxy({"limits": {"max_header_bytes": 4096}})
+    crlfs = b"\r\n\r\n" * 75  # 300 bytes of body that look like ends of heads, and are not
+    if framing == "no-body":
+        first, body = head("proxy"), b""
+    elif framing == "content-length":
+        first, body = upload_head(300), crlfs
+    else:
+        first = upload_head(0).replace(b"Content-Length: 0", b"Transfer-Encoding: chunked")
+        body = b"12c\r\n" + crlfs + b"\r\n0\r\n\r\n"
+    first = first.removesuffix(b"\r\n")
+    fits = head("proxy", b"X-Pad: " + b"p" * 3000 + b"\r\n")
+    too_big = head("proxy", b"X-Pad: " + b"p" * 5000 + b"\r\n")
+    reader, writer = await open_connection(proxy.proxy_url)
+    writer.write(first + b"\r")  # the head's CRLF CRLF, split across two reads
+    await writer.drain()
+    await asyncio.sleep(0.05)
+    writer.write(b"\n" + body + fits + too_big)
+    statuses = [(await read_answer(reader)).status for _ in range(3)]
+    writer.close()
+    assert statuses[0] // 100 == 2 and statuses[1:] == [200, 431], statuses
+    assert await limit_hits(http, proxy, "proxy", "header_bytes") == 1
+
+
 # ------------------------------------------------------------------ deadlines
 @pytest.mark.parametrize("listener", LISTENERS)
 @pytest.mark.parametrize("pace", ["trickle", "silent"])
