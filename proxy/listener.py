@@ -46,7 +46,7 @@ import resource
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from aiohttp import hdrs, web
 from aiohttp.http import HttpRequestParser, HttpVersion10, HttpVersion11, RawRequestMessage
@@ -357,7 +357,7 @@ class BoundedConnection(RequestHandler):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         listener = self._listener
         if listener.open >= listener.cap:
-            listener.turn_away(transport)  # type: ignore[arg-type]
+            listener.turn_away(cast(asyncio.Transport, transport))
             return
         listener.opened()
         self._counted = True
