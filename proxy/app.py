@@ -22,6 +22,7 @@ from aiohttp import web
 from proxy import connections
 from proxy.admin import make_admin_app
 from proxy.forward import Forwarder
+from proxy.listener import AcceptErrorLog, BoundedAppRunner, Listener, connection_caps
 from proxy.metrics import Metrics
 from proxy.routes import RouteTable
 from proxy.settings import ListenAddress, Settings
@@ -34,6 +35,8 @@ from proxy.tokens.verify import JwtVerifier
 
 log = logging.getLogger("proxy.app")
 Clock = Callable[[], float]
+AUTH_POOL_SIZE = 16  # connections to the token endpoint (discovery, JWKS, mints)
+REDIS_POOL_BUDGET = 32  # descriptors budgeted for the Redis client when a shared tier is configured
 
 
 def _ssl_context(ca_file: str | None) -> ssl.SSLContext:
@@ -105,7 +108,7 @@ class Runtime:
             ),
         )
         self.auth_session = _client_session(
-            limit=16,
+            limit=AUTH_POOL_SIZE,
             ca_file=auth.ca_file,
             timeout=aiohttp.ClientTimeout(total=auth.timeout_s),
         )
@@ -206,6 +209,7 @@ class ProxyServer:
         self.admin_url = ""
         self._proxy_runner: web.ServerRunner | None = None
         self._admin_runner: web.AppRunner | None = None
+        self._accept_log: AcceptErrorLog | None = None
         self._stopped = False
 
     async def start(self) -> Self:
@@ -219,16 +223,23 @@ class ProxyServer:
 
     async def _start(self) -> None:
         await self.runtime.start()
+        self._accept_log = AcceptErrorLog(asyncio.get_running_loop()).install()
+        settings, metrics = self.settings, self.runtime.metrics
+        redis = 0 if settings.cache.url.startswith("memory://") else REDIS_POOL_BUDGET
+        caps = connection_caps(settings.limits, outbound=settings.upstream.pool_size + AUTH_POOL_SIZE + redis)
         # auto_decompress=False: request bodies are forwarded as sent (SPEC §4: no decompression);
         # a Content-Encoding: gzip upload must reach the API compressed, and a gzip bomb must not
         # be inflated by the proxy.
-        server = web.Server(self.runtime.forwarder.handle, handler_cancellation=True, auto_decompress=False)
+        server = Listener("proxy", settings.limits, caps.proxy, metrics).server(
+            self.runtime.forwarder.handle, handler_cancellation=True, auto_decompress=False
+        )
         self._proxy_runner = web.ServerRunner(server, shutdown_timeout=self.settings.shutdown_grace_s)
         await self._proxy_runner.setup()
         listen, reuse_port = self.settings.listen, self.settings.reuse_port
         site = await _start_site(self._proxy_runner, listen, reuse_port=reuse_port)
         self.proxy_url = _bound_url(site, self._proxy_runner)
-        self._admin_runner = web.AppRunner(make_admin_app(self.runtime), access_log=None)
+        admin = Listener("admin", settings.limits, caps.admin, metrics)
+        self._admin_runner = BoundedAppRunner(make_admin_app(self.runtime), admin, access_log=None)
         await self._admin_runner.setup()
         admin_site = await _start_site(self._admin_runner, self.settings.admin_listen)
         self.admin_url = _bound_url(admin_site, self._admin_runner)
@@ -261,6 +272,9 @@ class ProxyServer:
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
             self._admin_runner = None
+        if self._accept_log is not None:
+            self._accept_log.uninstall()
+            self._accept_log = None
         log.info("proxy stopped", extra={"event": "stopped"})
 
     async def __aenter__(self) -> Self:

@@ -15,7 +15,14 @@ from typing import Any, Final
 
 from proxy.config_report import Report, key_path
 from proxy.routes import did_you_mean, show
-from proxy.settings import AuthSettings, CacheSettings, LogSettings, RefreshSettings, UpstreamSettings
+from proxy.settings import (
+    AuthSettings,
+    CacheSettings,
+    LimitSettings,
+    LogSettings,
+    RefreshSettings,
+    UpstreamSettings,
+)
 
 ENV_PREFIX: Final = "CCP_"
 SECTIONS: Final[dict[str, type]] = {
@@ -24,6 +31,7 @@ SECTIONS: Final[dict[str, type]] = {
     "cache": CacheSettings,
     "refresh": RefreshSettings,
     "logging": LogSettings,
+    "limits": LimitSettings,
 }
 TOP_SCALARS: Final = ("listen", "admin_listen", "shutdown_grace_s", "reuse_port")
 ROUTES_FILE_ENV: Final = "CCP_ROUTES_FILE"

@@ -262,6 +262,15 @@ _VALUE_CHECKS: Final[dict[str, Callable[[Any], str | None]]] = {
     "refresh.idle_s": _POSITIVE,
     "refresh.jitter_s": _NON_NEGATIVE,
     "logging.level": lambda v: _one_of(("debug", "info", "warning", "error", "critical"))(v.lower()),
+    "limits.max_header_bytes": _check_range(
+        lambda v: 1024 <= v <= 1024 * 1024, "must be between 1024 and 1048576 (1 MiB)"
+    ),
+    "limits.max_headers": _check_range(lambda v: 1 <= v <= 1000, "must be between 1 and 1000"),
+    "limits.header_timeout_s": _POSITIVE,
+    "limits.keepalive_timeout_s": _POSITIVE,
+    "limits.body_timeout_s": _POSITIVE,
+    "limits.listen_max_connections": _POSITIVE,
+    "limits.admin_max_connections": _POSITIVE,
     "shutdown_grace_s": _NON_NEGATIVE,
 }
 _FILES: Final = ("upstream.ca_file", "auth.ca_file", "auth.client_secret_file", "cache.encryption_key_file")

@@ -10,6 +10,11 @@ error body; they never contain a token, a secret or an Authorization value.
     ├── RouteNotAllowed       403 route_not_allowed    deny by default
     ├── BodyTooLarge          413 body_too_large
     ├── ExpectationFailed     417 expectation_failed   an Expect other than 100-continue
+    ├── ClosingError                                   the listener ends the connection after answering
+    │   ├── RequestTimeout        408 request_timeout      head or body did not arrive in time
+    │   ├── HeadersTooLarge       431 headers_too_large    head over limits.max_header_bytes / max_headers
+    │   ├── TooManyConnections    503 too_many_connections listener at its connection cap
+    │   └── HttpVersionNotSupported 505 http_version_not_supported  not HTTP/1.0 or 1.1
     ├── UpstreamUnreachable   502 upstream_unreachable connect / reset
     ├── UpstreamTimeout       504 upstream_timeout
     ├── ScopeNotGranted       500 scope_not_granted    token endpoint said invalid_scope
@@ -61,6 +66,36 @@ class BodyTooLarge(ProxyError):
 class ExpectationFailed(ProxyError):
     status = 417
     code = "expectation_failed"
+
+
+class ClosingError(ProxyError):
+    """A refusal by the listener itself: nothing more is read from the connection, so it is closed."""
+
+    def headers(self) -> dict[str, str]:
+        return {"Connection": "close"}
+
+
+class RequestTimeout(ClosingError):
+    status = 408
+    code = "request_timeout"
+
+
+class HeadersTooLarge(ClosingError):
+    status = 431
+    code = "headers_too_large"
+
+
+class TooManyConnections(ClosingError):
+    status = 503
+    code = "too_many_connections"
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1", **super().headers()}
+
+
+class HttpVersionNotSupported(ClosingError):
+    status = 505
+    code = "http_version_not_supported"
 
 
 class UpstreamUnreachable(ProxyError):

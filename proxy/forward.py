@@ -339,6 +339,8 @@ class Forwarder:
         """What a failed upstream call means to the client; anything unexpected is returned as is."""
         if ex.body_over_limit:  # aiohttp wrapped the BodyTooLarge that our body iterator raised
             return self._too_large()
+        if isinstance(exc.__cause__, errors.ProxyError):  # the listener failed the client's body stream
+            return type(exc.__cause__)(exc.__cause__.description)
         if isinstance(exc, aiohttp.ConnectionTimeoutError):  # never connected: unreachable, not slow
             return errors.UpstreamUnreachable("cannot reach the Credicorp API (connect timed out)")
         if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):

@@ -136,6 +136,18 @@ class Metrics:
             "Requests being proxied right now.",
             registry=r,
         )
+        self.limit_hits = Counter(
+            "ccp_limit_hits",
+            "Connections a listener bound refused or ended, by listener and limit.",
+            ["listener", "limit"],
+            registry=r,
+        )
+        self.open_connections = Gauge(
+            "ccp_open_connections",
+            "Client connections open on each listener (within its cap).",
+            ["listener"],
+            registry=r,
+        )
         self.credential_generation = Gauge(
             "ccp_credential_generation",
             "Generation of the client secret in use.",

@@ -108,6 +108,24 @@ class LogSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class LimitSettings:
+    """What one client connection may cost, on the proxy and the admin listener alike.
+
+    aiohttp's server defaults bound none of this (an hour of keep-alive, no deadline
+    on a request head or body, no cap on connections, partial heads kept in memory),
+    so a handful of slow or oversized clients could exhaust memory or descriptors.
+    """
+
+    max_header_bytes: int = 32 * 1024  # request line + header block; 431 over it
+    max_headers: int = 100  # header fields in one head; 431 over it
+    header_timeout_s: float = 30.0  # from the accept (or a later head's first byte) to its end; 408
+    keepalive_timeout_s: float = 75.0  # idle time between requests, then the connection is closed
+    body_timeout_s: float = 60.0  # longest silence while a handler waits for body bytes; 408 or reset
+    listen_max_connections: int = 1024  # concurrent client connections on the proxy listener
+    admin_max_connections: int = 64  # and on the admin listener (probes and scrapes)
+
+
+@dataclass(frozen=True, slots=True)
 class RouteSpec:
     """One entry of the route table, as written in the config."""
 
@@ -133,6 +151,7 @@ class Settings:
     cache: CacheSettings = CacheSettings()
     refresh: RefreshSettings = RefreshSettings()
     logging: LogSettings = LogSettings()
+    limits: LimitSettings = LimitSettings()
     routes: tuple[RouteSpec, ...] = ()
     shutdown_grace_s: float = 30.0
     # SO_REUSEPORT on the proxy listener, for several processes on one port. Off by default: a
