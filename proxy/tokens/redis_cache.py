@@ -47,7 +47,11 @@ Why it looks the way it does:
   folded into the first, so a flood costs the memory tier at most one refill
   per interval. A per-key drop names the digest of the token it drops; the
   handler drops only that token. Each message is counted in
-  ``ccp_invalidations_total{result}``.
+  ``ccp_invalidations_total{result}``. The listener reads at most
+  ``MAX_MESSAGES_PER_S`` (and yields to the request path after every message);
+  held back by that for ``SHED_AFTER_S`` without catching up, it drops the
+  subscription and its backlog and re-subscribes, so a flood costs a bounded
+  share of one core and the listener is current again seconds after it stops.
 """
 
 from __future__ import annotations
@@ -97,6 +101,8 @@ BREAKER_S = 1.0
 INVALIDATION_INTERVAL_S = 1.0  # at most one drop-all applied per interval; per-key repeats folded
 INVALIDATION_MAX_AGE_S = 60.0  # an authenticated message this far from our clock is refused
 MAX_MESSAGE_BYTES = 4096  # ours are a few hundred bytes; bigger is refused unparsed
+MAX_MESSAGES_PER_S = 1000  # the listener reads no faster (1 s burst): a flood must not eat the CPU
+SHED_AFTER_S = 2.0  # held back by that rate this long without catching up: drop the backlog
 MAX_MESSAGE_CONTAINERS = 8  # JSON arrays/objects per message (ours: 3), so parse depth is bounded
 _SEEN_MACS_MAX = 4096  # authenticated messages remembered (within the max age) to refuse replays
 _RECENT_KEYS_MAX = 1024  # per-key drops remembered for one interval to fold repeats
@@ -286,6 +292,32 @@ def parse_invalidation(data: bytes) -> Invalidation | None:
     return Invalidation(origin, key, digest, None if sent_at is None else float(sent_at))
 
 
+class _Pace:
+    """A token bucket for the listener: ``rate`` messages a second, bursts of up to one second's worth.
+
+    A flood is not read faster than this; what it sends beyond waits in Redis, which
+    disconnects a subscriber that falls too far behind (``client-output-buffer-limit
+    pubsub``), and the listener sheds a backlog it cannot catch up with. Once over the
+    rate it waits for a batch (1/20 s) worth at a time, not one message's: a timer per
+    message would cost more CPU than reading the messages.
+    """
+
+    def __init__(self, rate: float) -> None:
+        self._rate = rate
+        self._allowance = rate
+        self._last: float | None = None
+
+    def delay(self, now: float) -> float:
+        """Seconds to wait after one more message (0 within the rate)."""
+        if self._last is not None:
+            self._allowance = min(self._rate, self._allowance + (now - self._last) * self._rate)
+        self._last = now
+        self._allowance -= 1
+        if self._allowance >= 0:
+            return 0.0
+        return (self._rate / 20 - self._allowance) / self._rate
+
+
 class RedisTokenCache:
     """``TokenCache`` over Redis (standalone, TLS, Sentinel or Cluster) plus invalidation pub/sub."""
 
@@ -303,6 +335,7 @@ class RedisTokenCache:
         keyring: Keyring | None = None,
         invalidation_interval_s: float = INVALIDATION_INTERVAL_S,
         invalidation_max_age_s: float = INVALIDATION_MAX_AGE_S,
+        max_messages_per_s: float = MAX_MESSAGES_PER_S,
     ) -> None:
         self._client: Client = connection.client
         self._closers = connection.closers
@@ -329,11 +362,14 @@ class RedisTokenCache:
         self._keyring = keyring if keyring is not None and keyring.mac_keys else None
         self._interval = invalidation_interval_s
         self._max_age = invalidation_max_age_s
+        self._max_rate = max_messages_per_s
+        self._pace = _Pace(max_messages_per_s)  # kept across re-subscriptions: no fresh burst each time
         self._last_drop_all = -math.inf  # loop time of the last drop-all applied
         self._pending_drop_all: asyncio.TimerHandle | None = None
         self._recent_keys: dict[tuple[CacheKey, str | None], float] = {}
         self._seen_macs: OrderedDict[str, float] = OrderedDict()  # MAC -> sender's time
         self._refusals_logged: set[str] = set()
+        self._shed_logged = False
 
     @classmethod
     def from_settings(
@@ -553,6 +589,9 @@ class RedisTokenCache:
         while True:
             try:
                 await self._subscribe_and_dispatch()
+                self._subscribed.clear()  # returned: it shed a flood's backlog; re-subscribe at once
+                delay = _LISTEN_BACKOFF_S[0]
+                continue
             except Exception as exc:  # a listener that dies silently would leave stale copies forever
                 if self._subscribed.is_set():
                     delay = _LISTEN_BACKOFF_S[0]
@@ -568,22 +607,57 @@ class RedisTokenCache:
             async with asyncio.timeout(self._budget):
                 await self._client.initialize()  # its pub/sub needs the slot map first
         pubsub = self._client.pubsub()
+        pace = self._pace
+        loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self._budget):
                 await pubsub.subscribe(self.channel)
             self._subscribed.set()
+            behind_since: float | None = None
             while True:
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                if message is not None and message.get("type") == "message":
-                    try:
-                        self._dispatch(message["data"])
-                    except Exception:  # nothing a message holds may stop the listener
-                        self._count("malformed")
-                        log.exception("invalidation message failed", extra={"event": "invalidation_error"})
-                    await asyncio.sleep(0)  # a flood of messages must not starve the request path
+                if message is None:
+                    behind_since = None  # the channel was empty: caught up
+                    continue
+                if message.get("type") != "message":
+                    continue
+                try:
+                    self._dispatch(message["data"])
+                except Exception:  # nothing a message holds may stop the listener
+                    self._count("malformed")
+                    log.exception("invalidation message failed", extra={"event": "invalidation_error"})
+                # Always yield (redis-py returns buffered messages without yielding, so a flood
+                # would starve the request path), and past the rate wait: the backlog stays in Redis.
+                now = loop.time()
+                wait = pace.delay(now)
+                if wait > 0:
+                    behind_since = now if behind_since is None else behind_since
+                    if now - behind_since >= SHED_AFTER_S:
+                        self._shed()
+                        return
+                await asyncio.sleep(wait)
         finally:
             with contextlib.suppress(*REDIS_ERRORS):
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def _shed(self) -> None:
+        """Behind a flood for ``SHED_AFTER_S``: let its backlog go with the subscription.
+
+        Reading it at the capped rate could take minutes (Redis buffers up to its pubsub
+        output limit, the socket more). Real invalidations buried in it are lost, as in a
+        Redis outage: a token purged elsewhere meanwhile costs this replica one 401 retry.
+        Nothing is dropped for it: with a key set, unsigned junk must never empty the memory tier.
+        """
+        self._metrics.redis_errors.labels("subscribe").inc()
+        if not self._shed_logged:
+            self._shed_logged = True
+            log.warning(
+                "invalidation channel flooded (over %d messages/s for %.0f s); dropping its backlog "
+                "and re-subscribing (counted as subscribe errors)",
+                self._max_rate,
+                SHED_AFTER_S,
+                extra={"event": "invalidation_flood"},
+            )
 
     def _dispatch(self, data: bytes | str) -> None:
         """Check one message (size, MAC, shape, freshness), then coalesce and apply it."""
