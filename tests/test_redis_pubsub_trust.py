@@ -253,8 +253,6 @@ async def test_unsigned_or_wrongly_signed_drop_alls_are_refused_and_counted_when
     await eventually(lambda: invalidations(server, "unauthenticated") == 5)
     assert invalidations(server, "applied") == 0
     assert memory.kept()  # every memory token kept, none refilled
-    await asyncio.sleep(1.2)  # a refresher tick later: still nothing to refill
-    assert memory.kept()
 
 
 async def test_a_signed_drop_all_from_another_replica_is_applied_across_a_key_rotation(

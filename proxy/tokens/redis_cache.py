@@ -101,12 +101,11 @@ BREAKER_S = 1.0
 INVALIDATION_INTERVAL_S = 1.0  # at most one drop-all applied per interval; per-key repeats folded
 INVALIDATION_MAX_AGE_S = 60.0  # an authenticated message this far from our clock is refused
 MAX_MESSAGE_BYTES = 4096  # ours are a few hundred bytes; bigger is refused unparsed
+MAX_MESSAGE_CONTAINERS = 8  # JSON arrays/objects per message (ours: 3), so parse depth is bounded
 MAX_MESSAGES_PER_S = 1000  # the listener reads no faster (1 s burst): a flood must not eat the CPU
 SHED_AFTER_S = 2.0  # held back by that rate this long without catching up: drop the backlog
-MAX_MESSAGE_CONTAINERS = 8  # JSON arrays/objects per message (ours: 3), so parse depth is bounded
 _SEEN_MACS_MAX = 4096  # authenticated messages remembered (within the max age) to refuse replays
 _RECENT_KEYS_MAX = 1024  # per-key drops remembered for one interval to fold repeats
-INVALIDATION_RESULTS = ("applied", "coalesced", "unauthenticated", "malformed", "stale")
 _LISTEN_BACKOFF_S = (0.1, 5.0)
 HEALTH_CHECK_S = 10
 
@@ -688,14 +687,14 @@ class RedisTokenCache:
 
     def _verified(self, raw: bytes) -> tuple[bytes, str] | None:
         """(the message without its MAC field, the MAC) if a key of the ring signed it, else None."""
+        assert self._keyring is not None
         tail = raw[-_MAC_TAIL:]
-        mac = tail[len(_MAC_OPEN) : -2]
         if len(raw) <= _MAC_TAIL or not tail.startswith(_MAC_OPEN) or not tail.endswith(b'"}'):
             return None
+        mac = tail[len(_MAC_OPEN) : -2]
         if not _HEX.fullmatch(mac):
             return None
-        assert self._keyring is not None
-        body = raw[:-_MAC_TAIL] + b"}"
+        body = raw[:-_MAC_TAIL] + b"}"  # exactly the bytes the sender signed
         return (body, mac.decode()) if self._keyring.mac_matches(body, mac.decode()) else None
 
     def _fresh(self, message: Invalidation, mac: str) -> bool:
