@@ -201,12 +201,10 @@ def report(
 def reset_subscriber(server: RedisServer) -> None:
     """Disconnect the proxy's subscription (its backlog goes with it) and wait until it is back."""
     with server.client() as raw:
-        print("before", raw.pubsub_numsub("ccp:inval"), file=sys.stderr)
         raw.client_kill_filter(_type="pubsub")
         deadline = time.monotonic() + 30
         while dict(raw.pubsub_numsub("ccp:inval")).get(b"ccp:inval", 0) < 1:
             if time.monotonic() > deadline:
-                print(raw.pubsub_numsub("ccp:inval"), raw.client_list(), file=sys.stderr)
                 raise RuntimeError("the proxy did not re-subscribe")
             time.sleep(0.05)
 
