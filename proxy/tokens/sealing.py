@@ -104,8 +104,9 @@ class Keyring:
     """The current key (used for writing) and every key accepted for reading.
 
     ``mac_keys`` are the invalidation MAC keys derived from the same keys, current first:
-    messages are signed with the first and accepted under any, so a rotation (new key
-    first, old after) keeps replicas that have and have not restarted yet talking.
+    messages are signed with the first and accepted under any. A replica restarted with
+    "new, old" still accepts what a not yet restarted one signs with "old"; for the other
+    direction the new key is added second everywhere before it is made first, as for reads.
     """
 
     current: str
