@@ -131,6 +131,12 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.invalidations = Counter(
+            "ccp_invalidations",
+            "Invalidation messages from other replicas, by what was done with them.",
+            ["result"],
+            registry=r,
+        )
         self.in_flight = Gauge(
             "ccp_in_flight_requests",
             "Requests being proxied right now.",

@@ -279,20 +279,6 @@ async def test_a_purge_reaches_other_replicas_with_its_digest_but_not_the_purger
     assert at_a == []
 
 
-async def test_a_one_argument_handler_gets_the_key(redis_server: RedisServer, caches: Caches) -> None:
-    a, b = caches(redis_server.url), caches(redis_server.url)
-    dropped: list[CacheKey | None] = []
-
-    def drop(k: CacheKey | None) -> None:  # TokenManager.drop before it takes the digest
-        dropped.append(k)
-
-    await b.start(drop)
-    await a.put(key(), token())
-    await a.purge_if_same(key(), token())
-    await a.purge_all("cc_client_demo")
-    await eventually(lambda: dropped == [key(), None])
-
-
 async def test_garbage_on_the_channel_is_ignored(redis_server: RedisServer, caches: Caches) -> None:
     a, b = caches(redis_server.url), caches(redis_server.url)
     seen: Invalidations = []
@@ -336,20 +322,6 @@ async def test_a_dead_holders_lease_expires_and_a_waiter_takes_over(
             assert raw.get(b.lease_name(key())) != b"crashed-replica"
     assert 0.4 < waited < 2.0
     assert caches.errors(b, "lease_timeout") == 0
-
-
-async def test_a_stuck_lease_is_waited_for_only_a_bounded_time(
-    redis_server: RedisServer, caches: Caches
-) -> None:
-    b = caches(redis_server.url, lease_wait_s=0.8)
-    with redis_server.client() as raw:
-        raw.set(b.lease_name(key()), "stuck-without-expiry")
-    started = time.monotonic()
-    async with b.lease(key()):  # proceeds without the lease: per-replica single flight only
-        assert 0.6 < time.monotonic() - started < 2.0
-    assert caches.errors(b, "lease_timeout") == 1
-    with redis_server.client() as raw:
-        assert raw.get(b.lease_name(key())) == b"stuck-without-expiry"
 
 
 async def test_a_lease_taken_over_after_expiry_is_not_released_by_the_old_holder(

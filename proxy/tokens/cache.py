@@ -15,8 +15,8 @@ from typing import Protocol
 from proxy.tokens.model import CacheKey, Token
 
 Clock = Callable[[], float]
-#: Called with the key whose copies must be dropped, or None for "drop everything".
-InvalidationHandler = Callable[[CacheKey | None], None]
+#: Called with the key and the digest of the token to drop, or (None, None) for "drop everything".
+InvalidationHandler = Callable[[CacheKey | None, str | None], None]
 
 
 class TokenCache(Protocol):

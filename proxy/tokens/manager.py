@@ -403,9 +403,19 @@ class TokenManager:
                 raise result
         return errors
 
-    def drop(self, key: CacheKey | None) -> None:
-        """Another replica (or ``flush``) invalidated a key, or everything."""
-        self.memory.drop(key)
+    def drop(self, key: CacheKey | None, digest: str | None) -> None:
+        """Another replica (or ``flush``) invalidated one token, or everything.
+
+        A per-key drop names the digest of the token that was purged, and only that token
+        goes: the copy here may already be a newer one (minted after the purge), and a
+        forged message that does not know the digest of what we hold drops nothing.
+        """
+        if key is None:
+            self.memory.drop(None)
+            return
+        held = self.memory.peek(key)
+        if held is not None and (digest is None or held.digest == digest):
+            self.memory.drop(key)
 
     def usable_count(self) -> int:
         """How many scope sets have a token that can be sent now (readiness without prefetch)."""

@@ -30,10 +30,11 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import hmac
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
@@ -45,6 +46,8 @@ FORMAT_VERSION = 1
 KEY_BYTES = 32  # AES-256
 NONCE_BYTES = 12  # 96 bits, the GCM standard nonce
 _KID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+#: Label of the invalidation MAC key derived from each sealing key: the AES key itself never signs.
+MAC_LABEL = b"ccp-inval-mac"
 
 
 class SealingKeyError(ValueError):
@@ -54,6 +57,15 @@ class SealingKeyError(ValueError):
 def derive_kid(key: bytes) -> str:
     """Key id of a bare key: a short hash, so every replica derives the same id."""
     return hashlib.sha256(b"ccp-kid:" + key).hexdigest()[:12]
+
+
+def derive_mac_key(key: bytes) -> bytes:
+    """HMAC-SHA256(key, label): a separate key for authenticating invalidation messages.
+
+    One secret in the key file serves two purposes, so each gets its own derived key:
+    a MAC key can never be used as the AES key or the other way round.
+    """
+    return hmac.new(key, MAC_LABEL, hashlib.sha256).digest()
 
 
 def _decode_key(text: str, where: str) -> bytes:
@@ -95,15 +107,23 @@ def _parse_lines(text: str, source: str) -> list[tuple[str, bytes]]:
 
 @dataclass(frozen=True, slots=True)
 class Keyring:
-    """The current key (used for writing) and every key accepted for reading."""
+    """The current key (used for writing) and every key accepted for reading.
+
+    ``mac_keys`` are the invalidation MAC keys derived from the same keys, current first:
+    messages are signed with the first and accepted under any. A replica restarted with
+    "new, old" still accepts what a not yet restarted one signs with "old"; for the other
+    direction the new key is added second everywhere before it is made first, as for reads.
+    """
 
     current: str
     keys: dict[str, AESGCM]
+    mac_keys: tuple[bytes, ...] = field(default=(), repr=False)
 
     @classmethod
     def from_text(cls, text: str, source: str = "key file") -> Keyring:
         entries = _parse_lines(text, source)
-        return cls(entries[0][0], {kid: AESGCM(key) for kid, key in entries})
+        macs = tuple(derive_mac_key(key) for _, key in entries)
+        return cls(entries[0][0], {kid: AESGCM(key) for kid, key in entries}, macs)
 
     @classmethod
     def from_file(cls, path: str) -> Keyring:
@@ -118,6 +138,17 @@ class Keyring:
         """(kid, nonce, ciphertext+tag) under the current key."""
         nonce = os.urandom(NONCE_BYTES)
         return self.current, nonce, self.keys[self.current].encrypt(nonce, plaintext, aad)
+
+    def mac(self, message: bytes) -> str:
+        """Hex HMAC-SHA256 of ``message`` under the current MAC key."""
+        return hmac.new(self.mac_keys[0], message, hashlib.sha256).hexdigest()
+
+    def mac_matches(self, message: bytes, mac: str) -> bool:
+        """True if ``mac`` is ``message``'s MAC under any key of the ring (constant-time compares)."""
+        return any(
+            hmac.compare_digest(hmac.new(key, message, hashlib.sha256).hexdigest(), mac)
+            for key in self.mac_keys
+        )
 
     def open(self, kid: str, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes | None:
         """The plaintext, or None for an unknown key id or a value that fails authentication."""
