@@ -37,6 +37,7 @@ from proxy.scopes import KNOWN_SCOPES
 from proxy.settings import RouteSpec, UpstreamSettings
 from proxy.tokens.manager import TokenManager
 from proxy.tokens.model import Token
+from proxy.upstream_errors import map_upstream_error
 
 log = logging.getLogger("proxy.forward")
 
@@ -47,10 +48,6 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 _CHUNK = 256 * 1024
 _ONE_WRITE_BYTES = 1024 * 1024  # aiohttp's TOO_LARGE_BYTES_BODY: larger kept bodies go as a BytesIO
 NO_ROUTE = "(none)"
-
-
-class ClientGone(Exception):
-    """The client's connection broke while we were streaming to it."""
 
 
 @dataclass(slots=True)
@@ -151,7 +148,7 @@ class Forwarder:
             response = await self._proxy(request, ex)
         except errors.ProxyError as exc:
             response = self._error_response(exc, ex)
-        except ClientGone:
+        except errors.ClientGone:
             ex.error, ex.status = "client_gone", 499
             response = web.Response(status=499)
         except asyncio.CancelledError:
@@ -259,7 +256,7 @@ class Forwarder:
         try:
             return await request.content.readexactly(length)
         except (asyncio.IncompleteReadError, aiohttp.ClientConnectionError, ConnectionResetError) as exc:
-            raise ClientGone() from exc
+            raise errors.ClientGone() from exc
 
     async def _stream_rest(self, request: web.Request, head: bytes, ex: Exchange) -> AsyncIterator[bytes]:
         """``head`` (what was read while trying to keep the body), then the rest chunk by chunk,
@@ -317,8 +314,9 @@ class Forwarder:
         except errors.ProxyError:
             raise
         except Exception as exc:
-            mapped = self._upstream_error(exc, ex)
-            if mapped is exc:
+            # aiohttp wraps the BodyTooLarge our body iterator raised: the note on ``ex`` tells it apart.
+            mapped = self._too_large() if ex.body_over_limit else map_upstream_error(exc)
+            if mapped is None:
                 raise
             raise mapped from exc
         finally:
@@ -334,20 +332,6 @@ class Forwarder:
         """
         if ex.answer_deadline is not None:
             ex.answer_deadline.reschedule(asyncio.get_running_loop().time() + self._settings.timeout_s)
-
-    def _upstream_error(self, exc: Exception, ex: Exchange) -> Exception:
-        """What a failed upstream call means to the client; anything unexpected is returned as is."""
-        if ex.body_over_limit:  # aiohttp wrapped the BodyTooLarge that our body iterator raised
-            return self._too_large()
-        if isinstance(exc, aiohttp.ConnectionTimeoutError):  # never connected: unreachable, not slow
-            return errors.UpstreamUnreachable("cannot reach the Credicorp API (connect timed out)")
-        if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
-            return errors.UpstreamTimeout("the Credicorp API did not answer in time")
-        if isinstance(exc, aiohttp.ClientPayloadError):  # reading the client's body failed
-            return ClientGone()
-        if isinstance(exc, aiohttp.ClientError | OSError):
-            return errors.UpstreamUnreachable(f"cannot reach the Credicorp API ({type(exc).__name__})")
-        return exc
 
     async def _retry_401(
         self,
