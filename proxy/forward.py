@@ -12,14 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import io
-import itertools
 import logging
-import os
 import re
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
-from typing import Any
 
 import aiohttp
 from aiohttp import hdrs, web
@@ -28,8 +24,9 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy import connections, errors
+from proxy.exchange import METHODS, Exchange, Recorder, request_id
 from proxy.headers import downstream_response_headers, header_names, upstream_request_headers
-from proxy.logs import REQUEST_ID, write_request_line
+from proxy.logs import REQUEST_ID
 from proxy.metrics import Metrics
 from proxy.paths import SafeTarget, validate_target
 from proxy.routes import RouteTable
@@ -41,32 +38,10 @@ from proxy.upstream_errors import map_upstream_error
 
 log = logging.getLogger("proxy.forward")
 
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _WWW_AUTH_ERROR = re.compile(r'error="?([A-Za-z_]+)"?')
 _WWW_AUTH_SCOPE = re.compile(r'scope="([^"]*)"')
-_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _CHUNK = 256 * 1024
 _ONE_WRITE_BYTES = 1024 * 1024  # aiohttp's TOO_LARGE_BYTES_BODY: larger kept bodies go as a BytesIO
-NO_ROUTE = "(none)"
-
-
-@dataclass(slots=True)
-class Exchange:
-    """What one request did, for the access log and metrics."""
-
-    request_id: str
-    method: str
-    route: str = NO_ROUTE
-    status: int = 0
-    upstream_status: int | None = None
-    upstream_s: float = 0.0
-    retried: bool = False
-    error: str | None = None
-    token_digest: str | None = None
-    body_over_limit: bool = False  # the streamed request body passed max_body_bytes mid-upload
-    kept_bytes: int = 0  # this request's share of the kept-body budget (see KeptBodies)
-    answer_deadline: asyncio.Timeout | None = None  # armed once the request is sent (see _send)
-    started: float = field(default_factory=time.perf_counter)
 
 
 class KeptBodies:
@@ -131,16 +106,13 @@ class Forwarder:
         self._session = session
         self._metrics = metrics
         self._clock = clock
-        self._access_log = access_log_enabled
+        self._recorder = Recorder(metrics, access_log_enabled=access_log_enabled)
         self._strip = header_names(upstream.strip_headers)
         self.kept = KeptBodies(upstream.kept_body_budget_bytes, metrics)
         self._in_flight = metrics.in_flight
-        # Metric children by label values, so the hot path skips prometheus-client's labels() lookup.
-        self._request_counters: dict[tuple[str, str, int], Any] = {}
-        self._durations: dict[str, Any] = {}
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        ex = Exchange(_request_id(request), request.method if request.method in _METHODS else "OTHER")
+        ex = Exchange(request_id(request), request.method if request.method in METHODS else "OTHER")
         self._in_flight.inc()
         # Token events logged by a mint this request starts carry its id (tasks copy the context).
         context = REQUEST_ID.set(ex.request_id)
@@ -155,7 +127,7 @@ class Forwarder:
             # The client went away (aiohttp cancels the handler) or the drain grace ran out:
             # the request still gets its log line and its count, then the cancellation goes on.
             ex.error, ex.status = "client_gone", 499
-            self._record(ex)
+            self._recorder.record(ex)
             raise
         finally:
             self.kept.release(ex)
@@ -165,7 +137,7 @@ class Forwarder:
             # RFC 9112 §6.1: HTTP/1.0 with Transfer-Encoding has faulty framing; whatever
             # follows it on this connection must never be parsed as another request.
             response.force_close()
-        self._record(ex)
+        self._recorder.record(ex)
         return response
 
     async def _proxy(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
@@ -466,35 +438,6 @@ class Forwarder:
         self._metrics.proxy_errors.labels(exc.code).inc()
         return error_response(exc, ex.request_id)
 
-    # ------------------------------------------------------------- accounting
-    def _record(self, ex: Exchange) -> None:
-        counter = self._request_counters.get((ex.route, ex.method, ex.status))
-        if counter is None:  # label values come from the config and status codes: a bounded set
-            counter = self._metrics.requests.labels(ex.route, ex.method, str(ex.status))
-            self._request_counters[(ex.route, ex.method, ex.status)] = counter
-        counter.inc()
-        if ex.upstream_status is not None:
-            histogram = self._durations.get(ex.route)
-            if histogram is None:
-                histogram = self._durations[ex.route] = self._metrics.request_duration.labels(ex.route)
-            histogram.observe(ex.upstream_s)
-        if self._access_log:
-            write_request_line(
-                {
-                    "event": "request",
-                    "request_id": ex.request_id,
-                    "method": ex.method,
-                    "route": ex.route,
-                    "status": ex.status,
-                    "upstream_status": ex.upstream_status,
-                    "duration_ms": round((time.perf_counter() - ex.started) * 1000, 2),
-                    "upstream_ms": round(ex.upstream_s * 1000, 2),
-                    "retried": ex.retried,
-                    "proxy_error": ex.error,
-                    "token_digest": ex.token_digest,
-                }
-            )
-
 
 def error_response(exc: errors.ProxyError, request_id: str | None = None) -> web.Response:
     """The proxy's own JSON error body, marked so apps can tell it from an upstream error."""
@@ -506,34 +449,6 @@ def error_response(exc: errors.ProxyError, request_id: str | None = None) -> web
     if request_id:
         response.headers["X-Request-Id"] = request_id
     return response
-
-
-class _RequestIds:
-    """Unique request ids without a syscall per request: a random per-process prefix plus a counter.
-
-    Ids must be unique (to join log lines across services), not unpredictable,
-    so ``uuid4`` (an ``os.urandom`` call and an object per request) is not needed.
-    The prefix is redrawn in a forked child so two workers never share it.
-    """
-
-    def __init__(self) -> None:
-        self._reset()
-        os.register_at_fork(after_in_child=self._reset)
-
-    def _reset(self) -> None:
-        self._prefix = os.urandom(8).hex()
-        self._counter = itertools.count(1)
-
-    def next(self) -> str:
-        return f"{self._prefix}{next(self._counter):016x}"
-
-
-_IDS = _RequestIds()
-
-
-def _request_id(request: web.Request) -> str:
-    supplied = request.headers.get("X-Request-Id")
-    return supplied if supplied and _REQUEST_ID.fullmatch(supplied) else _IDS.next()
 
 
 def _invalid_token(upstream: aiohttp.ClientResponse) -> bool:
