@@ -20,15 +20,16 @@ from collections.abc import AsyncIterator, Callable
 import aiohttp
 from aiohttp import hdrs, web
 from aiohttp.http import HttpVersion11
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 from yarl import URL
 
-from proxy import connections, errors
+from proxy import errors
 from proxy.exchange import METHODS, Exchange, Recorder, request_id
-from proxy.headers import downstream_response_headers, header_names, upstream_request_headers
+from proxy.headers import header_names, upstream_request_headers
 from proxy.logs import REQUEST_ID
 from proxy.metrics import Metrics
 from proxy.paths import SafeTarget, validate_target
+from proxy.relay import Relay, foreign_transfer_coding
 from proxy.routes import RouteTable
 from proxy.scopes import KNOWN_SCOPES
 from proxy.settings import RouteSpec, UpstreamSettings
@@ -40,7 +41,6 @@ log = logging.getLogger("proxy.forward")
 
 _WWW_AUTH_ERROR = re.compile(r'error="?([A-Za-z_]+)"?')
 _WWW_AUTH_SCOPE = re.compile(r'scope="([^"]*)"')
-_CHUNK = 256 * 1024
 _ONE_WRITE_BYTES = 1024 * 1024  # aiohttp's TOO_LARGE_BYTES_BODY: larger kept bodies go as a BytesIO
 
 
@@ -110,6 +110,7 @@ class Forwarder:
         self._strip = header_names(upstream.strip_headers)
         self.kept = KeptBodies(upstream.kept_body_budget_bytes, metrics)
         self._in_flight = metrics.in_flight
+        self._relay = Relay(upstream.response_buffer_bytes)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         ex = Exchange(request_id(request), request.method if request.method in METHODS else "OTHER")
@@ -165,7 +166,7 @@ class Forwarder:
         self.kept.release(ex)
         if upstream.status == 403:
             self._note_insufficient_scope(upstream, route, ex)
-        return await self._relay(request, upstream, ex)
+        return await self._relay.relay(request, upstream, ex)
 
     # ------------------------------------------------------------ request side
     def _check_declared_length(self, request: web.Request) -> None:
@@ -361,78 +362,6 @@ class Forwarder:
             },
         )
 
-    # ----------------------------------------------------------- response side
-    async def _relay(
-        self, request: web.Request, upstream: aiohttp.ClientResponse, ex: Exchange
-    ) -> web.StreamResponse:
-        """Relay the API's answer byte for byte; reset the client on a broken upstream body.
-
-        A small answer of known length (most API calls) is read whole and sent
-        in one write, headers and body together: one syscall and no chunk loop.
-        Anything else streams with flat memory.
-        """
-        if _foreign_transfer_coding(upstream):
-            upstream.close()
-            raise errors.UpstreamUnreachable("the Credicorp API used a transfer coding other than chunked")
-        ex.status = ex.upstream_status = upstream.status
-        headers = downstream_response_headers(upstream.headers)
-        headers["X-Request-Id"] = ex.request_id
-        if self._can_buffer(request, upstream):
-            return await self._relay_whole(request, upstream, headers, ex)
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
-        if upstream.content_length is not None:
-            response.content_length = upstream.content_length
-        try:
-            await response.prepare(request)
-            async for chunk in upstream.content.iter_chunked(_CHUNK):
-                await response.write(chunk)
-            await response.write_eof()
-        except ConnectionResetError:  # the client went away (aiohttp's ClientConnectionResetError too)
-            ex.error = "client_gone"
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            self._upstream_broke(request, ex, exc)
-        finally:
-            upstream.close() if ex.error else upstream.release()
-        return response
-
-    def _can_buffer(self, request: web.Request, upstream: aiohttp.ClientResponse) -> bool:
-        """Known, small length, and a body that really follows (not HEAD, 204 or 304)."""
-        length = upstream.content_length
-        return (
-            length is not None
-            and length <= self._settings.response_buffer_bytes
-            and request.method != "HEAD"
-            and upstream.status not in (204, 304)
-        )
-
-    async def _relay_whole(
-        self,
-        request: web.Request,
-        upstream: aiohttp.ClientResponse,
-        headers: CIMultiDict[str],
-        ex: Exchange,
-    ) -> web.StreamResponse:
-        try:
-            body = await upstream.read()
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            upstream.close()
-            self._upstream_broke(request, ex, exc)
-            return web.Response(status=upstream.status)  # never written: the connection is gone
-        except BaseException:  # cancelled (the client left): a half-read connection is not reused
-            upstream.close()
-            raise
-        upstream.release()
-        # Content-Length comes from the body that was read, which is the length the API declared.
-        return web.Response(body=body, status=upstream.status, reason=upstream.reason, headers=headers)
-
-    def _upstream_broke(self, request: web.Request, ex: Exchange, exc: BaseException) -> None:
-        ex.error = "upstream_broke_mid_body"
-        log.warning(
-            "upstream broke mid-response; resetting the client connection",
-            extra={"event": "upstream_mid_body", "request_id": ex.request_id, "error": type(exc).__name__},
-        )
-        connections.reset(request.transport)
-
     def _error_response(self, exc: errors.ProxyError, ex: Exchange) -> web.Response:
         ex.status, ex.error = exc.status, exc.code
         self._metrics.proxy_errors.labels(exc.code).inc()
@@ -476,29 +405,11 @@ async def _answer_expectation(request: web.Request) -> None:
         request.writer.output_size = 0  # the interim answer is not part of the response
 
 
-def _transfer_codings(headers: CIMultiDictProxy[str]) -> list[str]:
-    """Every coding of every ``Transfer-Encoding`` header, in order, lower-cased."""
-    values = headers.getall(hdrs.TRANSFER_ENCODING, ())
-    return [coding.strip().lower() for value in values for coding in value.split(",")]
-
-
-def _foreign_transfer_coding(upstream: aiohttp.ClientResponse) -> bool:
-    """True when the API framed its answer with more than ``chunked`` (e.g. ``gzip, chunked``).
-
-    aiohttp's client de-chunks it and leaves the gzip coding on the bytes;
-    relayed, the client would get compressed bytes with no ``Content-Encoding``
-    to say so. The mirror of ``_check_transfer_coding`` on the request side.
-    """
-    codings = _transfer_codings(upstream.headers)
-    return bool(codings) and codings != ["chunked"]
-
-
 def _check_transfer_coding(request: web.Request) -> None:
     """Only ``chunked`` framing is understood; any other transfer coding is refused, not dropped.
 
     aiohttp's parser de-chunks ``gzip, chunked`` and would silently lose the gzip
     coding, handing the API bytes it cannot know are compressed (RFC 9112 §6.1).
     """
-    codings = _transfer_codings(request.headers)
-    if codings and codings != ["chunked"]:
+    if foreign_transfer_coding(request.headers):
         raise errors.BadRequest("Transfer-Encoding other than a single 'chunked' is not supported")
