@@ -8,7 +8,6 @@ travels with the outbound request instead).
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import os
 import re
@@ -40,9 +39,6 @@ class Exchange:
     retried: bool = False
     error: str | None = None
     token_digest: str | None = None
-    body_over_limit: bool = False  # the streamed request body passed max_body_bytes mid-upload
-    kept_bytes: int = 0  # this request's share of the kept-body budget (see KeptBodies)
-    answer_deadline: asyncio.Timeout | None = None  # armed once the request is sent (see _send)
     started: float = field(default_factory=time.perf_counter)
 
 

@@ -11,24 +11,21 @@ work that could be done at start-up.
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import aiohttp
 from aiohttp import hdrs, web
 from aiohttp.http import HttpVersion11
-from multidict import CIMultiDict
-from yarl import URL
 
 from proxy import errors
 from proxy.exchange import METHODS, Exchange, Recorder, request_id
-from proxy.headers import header_names, upstream_request_headers
 from proxy.logs import REQUEST_ID
 from proxy.metrics import Metrics
-from proxy.paths import SafeTarget, validate_target
+from proxy.outbound import KeptBodies, OutboundPreparer, OutboundRequest
+from proxy.paths import validate_target
 from proxy.relay import Relay, foreign_transfer_coding
 from proxy.routes import RouteTable
 from proxy.scopes import KNOWN_SCOPES
@@ -41,48 +38,6 @@ log = logging.getLogger("proxy.forward")
 
 _WWW_AUTH_ERROR = re.compile(r'error="?([A-Za-z_]+)"?')
 _WWW_AUTH_SCOPE = re.compile(r'scope="([^"]*)"')
-_ONE_WRITE_BYTES = 1024 * 1024  # aiohttp's TOO_LARGE_BYTES_BODY: larger kept bodies go as a BytesIO
-
-
-class KeptBodies:
-    """The budget of request bodies kept whole in memory for a 401 retry, across all requests.
-
-    ``retry_body_limit`` bounds one body; without a total, 150 concurrent 1 MiB
-    uploads to a slow API hold 150 MiB (230 MiB of RSS measured). A body that
-    does not fit in what is left streams instead, with flat memory, and is not
-    retried on a 401 (``ccp_upstream_401_retries_total{outcome="body_not_replayable"}``).
-    A request's share is returned when its retry can no longer happen, and at the
-    latest when the request ends, whichever way it ends. One event loop, so no lock.
-    """
-
-    def __init__(self, budget: int, metrics: Metrics) -> None:
-        self.budget = budget
-        self.held = 0
-        self._gauge = metrics.kept_body_bytes
-        self._exhausted = metrics.kept_body_budget_exhausted
-
-    def reserve(self, ex: Exchange, size: int, *, keepable: bool = True) -> bool:
-        """Take ``size`` bytes for ``ex``; False when they do not fit.
-
-        A refusal is counted when it costs a body its retry (``keepable``: it was small enough
-        to be kept) and keeping is on at all (a budget of 0 is a choice, not an exhaustion).
-        """
-        if self.held + size > self.budget:
-            if self.budget and keepable:
-                self._exhausted.inc()
-            return False
-        if size:
-            self.held += size
-            ex.kept_bytes += size
-            self._gauge.set(self.held)
-        return True
-
-    def release(self, ex: Exchange) -> None:
-        """Give back ``ex``'s share; idempotent, so every exit path may call it."""
-        if ex.kept_bytes:
-            self.held -= ex.kept_bytes
-            ex.kept_bytes = 0
-            self._gauge.set(self.held)
 
 
 class Forwarder:
@@ -99,18 +54,17 @@ class Forwarder:
         clock: Callable[[], float] = time.time,
         access_log_enabled: bool = True,
     ) -> None:
-        self._settings = upstream
-        self._origin = upstream.url.rstrip("/")
+        self._timeout_s = upstream.timeout_s
         self._table = table
         self._tokens = tokens
         self._session = session
         self._metrics = metrics
         self._clock = clock
-        self._recorder = Recorder(metrics, access_log_enabled=access_log_enabled)
-        self._strip = header_names(upstream.strip_headers)
         self.kept = KeptBodies(upstream.kept_body_budget_bytes, metrics)
-        self._in_flight = metrics.in_flight
+        self._outbound = OutboundPreparer(upstream, self.kept)
         self._relay = Relay(upstream.response_buffer_bytes)
+        self._recorder = Recorder(metrics, access_log_enabled=access_log_enabled)
+        self._in_flight = metrics.in_flight
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         ex = Exchange(request_id(request), request.method if request.method in METHODS else "OTHER")
@@ -131,7 +85,6 @@ class Forwarder:
             self._recorder.record(ex)
             raise
         finally:
-            self.kept.release(ex)
             self._in_flight.dec()
             REQUEST_ID.reset(context)
         if request.version < HttpVersion11 and hdrs.TRANSFER_ENCODING in request.headers:
@@ -148,174 +101,54 @@ class Forwarder:
         if route is None:
             raise errors.RouteNotAllowed(f"no route allows {request.method} {target.path}")
         ex.route = route.label
-        self._check_declared_length(request)
+        self._outbound.check_declared_length(request)
         await _answer_expectation(request)
-        headers = upstream_request_headers(
-            request.headers, replace_forwarded=self._settings.forwarded_headers, strip=self._strip
-        )
-        self._add_forwarding_headers(request, headers, ex)
-        body, replayable = await self._request_body(request, headers, ex)
-        started = self._clock()
-        token = await self._tokens.get(route.scopes, route.audience)
-        upstream = await self._send(request, target, headers, body, token, ex)
-        if upstream.status == 401 and _invalid_token(upstream):
-            upstream = await self._retry_401(
-                request, route, target, headers, body, token, upstream, replayable, started, ex
-            )
-        body = None  # no retry can follow: the kept body goes back to the budget before the relay
-        self.kept.release(ex)
+        outbound = await self._outbound.prepare(request, target, route, ex.request_id)
+        try:
+            started = self._clock()
+            token = await self._tokens.get(route.scopes, route.audience)
+            upstream = await self._send(outbound, token, ex)
+            if upstream.status == 401 and _invalid_token(upstream):
+                upstream = await self._retry_401(outbound, token, upstream, started, ex)
+        finally:
+            # No retry can follow: the kept body leaves memory and the budget before the relay.
+            # (Dropping it also breaks the request <-> stream reference cycle of a streamed body.)
+            outbound.body = None
+            self.kept.release(outbound)
         if upstream.status == 403:
             self._note_insufficient_scope(upstream, route, ex)
         return await self._relay.relay(request, upstream, ex)
 
-    # ------------------------------------------------------------ request side
-    def _check_declared_length(self, request: web.Request) -> None:
-        limit = self._settings.max_body_bytes
-        if limit is not None and (request.content_length or 0) > limit:
-            raise self._too_large()
-
-    def _too_large(self) -> errors.BodyTooLarge:
-        return errors.BodyTooLarge(f"request body over the {self._settings.max_body_bytes}-byte limit")
-
-    def _add_forwarding_headers(self, request: web.Request, headers: CIMultiDict[str], ex: Exchange) -> None:
-        headers["X-Request-Id"] = ex.request_id
-        if self._settings.forwarded_headers:
-            headers["X-Forwarded-For"] = request.remote or "unknown"
-            headers["X-Forwarded-Proto"] = request.scheme
-
-    async def _request_body(
-        self, request: web.Request, headers: CIMultiDict[str], ex: Exchange
-    ) -> tuple[bytes | AsyncIterator[bytes] | None, bool]:
-        """The body to send, and whether it is kept whole so a 401 retry can resend it.
-
-        Bodies up to ``retry_body_limit`` are read into memory while the kept-body
-        budget has room for them; larger ones, chunked ones that grow past the
-        limit, and any the budget cannot take are streamed with flat memory. A
-        body streamed only because the budget was spent goes upstream with its
-        ``Content-Length`` (aiohttp's parser has held the client to it), the
-        framing it would have had if kept; larger bodies stream chunked, as always.
-        """
-        if not request.body_exists:
-            return None, True
-        keep = self._settings.retry_body_limit
-        length = request.content_length
-        if length is not None and length <= keep:
-            if self.kept.reserve(ex, length):
-                return await self._read_all(request, length), True
-            headers[hdrs.CONTENT_LENGTH] = str(length)
-            return self._stream_rest(request, b"", ex), False
-        limit = self._settings.max_body_bytes
-        head = bytearray()
-        while len(head) <= keep:
-            chunk = await request.content.readany()
-            if not chunk:
-                return bytes(head), True
-            head += chunk
-            if limit is not None and len(head) > limit:  # a chunked body has no declared length
-                raise self._too_large()
-            # The head is held in memory too (until the API takes it), so it draws on the budget;
-            # a body that declared more than ``keep`` streams whatever happens (not keepable).
-            if not self.kept.reserve(ex, len(chunk), keepable=length is None):
-                break
-        return self._stream_rest(request, bytes(head), ex), False
-
-    async def _read_all(self, request: web.Request, length: int) -> bytes:
-        """Exactly the declared body, from the stream.
-
-        Not ``request.read()``: that enforces aiohttp's own 1 MiB
-        ``client_max_size`` with a plain-text 413, whatever ``retry_body_limit``
-        and ``max_body_bytes`` say.
-        """
-        try:
-            return await request.content.readexactly(length)
-        except (asyncio.IncompleteReadError, aiohttp.ClientConnectionError, ConnectionResetError) as exc:
-            raise errors.ClientGone() from exc
-
-    async def _stream_rest(self, request: web.Request, head: bytes, ex: Exchange) -> AsyncIterator[bytes]:
-        """``head`` (what was read while trying to keep the body), then the rest chunk by chunk,
-        within ``max_body_bytes``.
-
-        Passing the limit is noted on ``ex`` before raising: aiohttp's client
-        wraps whatever the body iterator raises in a connection error, and
-        ``_send`` turns that note back into ``413 body_too_large``. The budget
-        share the head took is returned once the head is handed on.
-        """
-        limit = self._settings.max_body_bytes
-        sent = len(head)
-        if head:
-            yield head
-            del head
-        self.kept.release(ex)
-        while chunk := await request.content.readany():
-            sent += len(chunk)
-            if limit is not None and sent > limit:
-                ex.body_over_limit = True
-                raise self._too_large()
-            yield chunk
-        self._arm_answer_deadline(ex)  # the whole upload is sent: the API's time to answer starts now
-
-    async def _send(
-        self,
-        request: web.Request,
-        target: SafeTarget,
-        headers: CIMultiDict[str],
-        body: bytes | AsyncIterator[bytes] | None,
-        token: Token,
-        ex: Exchange,
-    ) -> aiohttp.ClientResponse:
-        headers["Authorization"] = "Bearer " + token.value
+    async def _send(self, outbound: OutboundRequest, token: Token, ex: Exchange) -> aiohttp.ClientResponse:
+        """One attempt, with ``token``; an upstream failure leaves as the proxy error it means."""
+        outbound.headers["Authorization"] = "Bearer " + token.value
         ex.token_digest = token.digest
-        url = URL(self._origin + target.path + ("?" + target.query if target.query else ""), encoded=True)
-        if isinstance(body, bytes) and len(body) > _ONE_WRITE_BYTES:
-            # aiohttp writes a bytes body in one go and warns past 1 MiB; a fresh BytesIO (its
-            # payload is closed after sending) keeps the Content-Length and is written in chunks.
-            data: bytes | io.BytesIO | AsyncIterator[bytes] | None = io.BytesIO(body)
-        else:
-            data = body
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(None) as ex.answer_deadline:
-                if body is None or isinstance(body, bytes):  # kept whole; a stream arms it when sent
-                    self._arm_answer_deadline(ex)
+            async with outbound.answer_deadline(self._timeout_s):
                 return await self._session.request(
-                    request.method,
-                    url,
-                    headers=headers,
-                    data=data,
+                    outbound.method,
+                    outbound.url,
+                    headers=outbound.headers,
+                    data=outbound.payload(),
                     allow_redirects=False,
                 )
         except errors.ProxyError:
             raise
         except Exception as exc:
-            # aiohttp wraps the BodyTooLarge our body iterator raised: the note on ``ex`` tells it apart.
-            mapped = self._too_large() if ex.body_over_limit else map_upstream_error(exc)
+            # aiohttp wraps the BodyTooLarge a streamed body raised: the stream's note tells it apart.
+            mapped = outbound.limit_passed() or map_upstream_error(exc)
             if mapped is None:
                 raise
             raise mapped from exc
         finally:
             ex.upstream_s += time.perf_counter() - started
-            ex.answer_deadline = None
-
-    def _arm_answer_deadline(self, ex: Exchange) -> None:
-        """``timeout_s`` bounds connect + send + the API's wait for the response head.
-
-        A streamed upload arms it only once its last byte is sent, so a slow
-        client's large upload is not cut; the response body is bounded by
-        ``read_timeout_s`` (silence) alone, so a long download is not cut either.
-        """
-        if ex.answer_deadline is not None:
-            ex.answer_deadline.reschedule(asyncio.get_running_loop().time() + self._settings.timeout_s)
 
     async def _retry_401(
         self,
-        request: web.Request,
-        route: RouteSpec,
-        target: SafeTarget,
-        headers: CIMultiDict[str],
-        body: bytes | AsyncIterator[bytes] | None,
+        outbound: OutboundRequest,
         token: Token,
         first: aiohttp.ClientResponse,
-        replayable: bool,
         started: float,
         ex: Exchange,
     ) -> aiohttp.ClientResponse:
@@ -326,17 +159,17 @@ class Forwarder:
         stale-cache problem, and another mint would not fix it).
         """
         retries = self._metrics.retries_401
-        if not replayable:
+        if not outbound.replayable:
             retries.labels("body_not_replayable").inc()
             return first
         if token.received_since(started):
             retries.labels("fresh_token_rejected").inc()
             return first
         first.release()
-        key = self._tokens.key_for(route.scopes, route.audience)
+        key = self._tokens.key_for(outbound.route.scopes, outbound.route.audience)
         fresh = await self._tokens.replace(key, token)
         ex.retried = True
-        second = await self._send(request, target, headers, body, fresh, ex)
+        second = await self._send(outbound, fresh, ex)
         retries.labels("second_401" if second.status == 401 else "success").inc()
         return second
 
