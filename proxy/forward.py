@@ -1,11 +1,16 @@
 """The request path, top to bottom.
 
-validate target -> match route -> get token -> build upstream request ->
-stream -> on 401 purge + retry once -> map errors.
+validate target -> match route -> prepare the outbound request -> get token ->
+send -> on 401 purge + retry once -> relay -> record.
 
-Everything the handler needs per request is prepared once in ``Forwarder``'s
-constructor (origin, timeouts, label children); the handler itself does no
-work that could be done at start-up.
+This module is the spine; each step's rules live in their own module:
+``proxy/paths.py`` (the target), ``proxy/routes.py`` (the match),
+``proxy/outbound.py`` (headers, URL and body: kept for a retry, or streamed),
+``proxy/upstream_errors.py`` (what a failed call means to the client),
+``proxy/relay.py`` (the answer back) and ``proxy/exchange.py`` (the log line
+and metrics). Everything the handler needs per request is prepared once when
+the ``Forwarder`` is built (origin, timeouts, label children); the handler
+itself does no work that could be done at start-up.
 """
 
 from __future__ import annotations
