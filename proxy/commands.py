@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import http.client
 import logging
 import os
 import re
-import socket
 import sys
 
 from proxy.app import open_shared_cache
@@ -16,9 +14,10 @@ from proxy.config import load_config, read_yaml
 from proxy.inspect_config import render_check, render_explain
 from proxy.logs import configure_logging
 from proxy.metrics import Metrics
+from proxy.probe import get_healthz
 from proxy.redact import mask_url
 from proxy.serve import run_async, serve
-from proxy.settings import ListenAddress, Settings
+from proxy.settings import Settings
 
 log = logging.getLogger("proxy.cli")
 
@@ -102,7 +101,7 @@ def healthcheck(args: argparse.Namespace) -> int:
         settings = load_config(None, check_files=False)
     address = settings.admin_listen
     try:
-        status = _get_healthz(address, timeout=4.0)
+        status = get_healthz(address, timeout=4.0)
     except OSError as exc:
         print(f"credicorp-proxy: healthcheck: {address}: {exc}", file=sys.stderr)
         return 1
@@ -110,37 +109,6 @@ def healthcheck(args: argparse.Namespace) -> int:
         print(f"credicorp-proxy: healthcheck: {address}: /healthz answered {status}", file=sys.stderr)
         return 1
     return 0
-
-
-#: A bind-all admin listener is probed on loopback.
-_LOOPBACK_FOR = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}  # noqa: S104
-
-
-def _get_healthz(address: ListenAddress, *, timeout: float) -> int:
-    if address.unix_path:
-        connection: http.client.HTTPConnection = _UnixHTTPConnection(address.unix_path, timeout)
-    else:
-        host = _LOOPBACK_FOR.get(address.host, address.host)
-        connection = http.client.HTTPConnection(host, address.port, timeout=timeout)
-    try:
-        connection.request("GET", "/healthz")
-        return connection.getresponse().status
-    finally:
-        connection.close()
-
-
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    """``http.client`` over a Unix socket (the admin listener may be ``unix:/path``)."""
-
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self._path)
-        self.sock = sock
 
 
 def flush(args: argparse.Namespace) -> int:
