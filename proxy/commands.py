@@ -1,4 +1,12 @@
-"""What each ``credicorp-proxy`` sub-command does, once its arguments are parsed."""
+"""What each ``credicorp-proxy`` sub-command does, once its arguments are parsed.
+
+At the top only what reading a config needs. A command that serves, talks to
+Redis or starts the emulator imports that inside its function: the CLI builds
+every sub-parser on every start, and ``healthcheck`` (the image's
+HEALTHCHECK, every few seconds in every container) must not pay for the
+aiohttp server, the Redis client, the metrics or the emulator. The
+import-boundary tests (tests/test_import_boundaries.py) keep it so.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +17,11 @@ import os
 import re
 import sys
 
-from proxy.app import open_shared_cache
 from proxy.config import load_config, read_yaml
 from proxy.inspect_config import render_check, render_explain
 from proxy.logs import configure_logging
-from proxy.metrics import Metrics
 from proxy.probe import get_healthz
 from proxy.redact import mask_url
-from proxy.serve import run_async, serve
 from proxy.settings import Settings
 
 log = logging.getLogger("proxy.cli")
@@ -28,6 +33,8 @@ def _log_warnings(settings: Settings) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from proxy.serve import run_async, serve
+
     settings = load_config(args.config)
     configure_logging(settings.logging.level)
     _log_warnings(settings)
@@ -112,6 +119,8 @@ def healthcheck(args: argparse.Namespace) -> int:
 
 
 def flush(args: argparse.Namespace) -> int:
+    from proxy.serve import run_async
+
     settings = load_config(args.config)
     configure_logging(settings.logging.level)
     if settings.cache.url.startswith("memory://"):
@@ -132,6 +141,9 @@ async def _flush(settings: Settings) -> int:
     operator must never read "dropped" when nothing was.
     """
     import time
+
+    from proxy.app import open_shared_cache
+    from proxy.metrics import Metrics
 
     metrics = Metrics()
     cache = open_shared_cache(settings, time.time, metrics)
@@ -164,7 +176,9 @@ async def _flush(settings: Settings) -> int:
 
 
 def demo(args: argparse.Namespace) -> int:
-    from proxy.demo import serve_demo  # the emulator: only this command loads it
+    from proxy.demo import serve_demo
+    from proxy.serve import run_async
 
     configure_logging("info")
     return run_async(serve_demo(args.port, args.admin_port, args.emulator_port))
+
