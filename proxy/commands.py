@@ -182,3 +182,9 @@ def demo(args: argparse.Namespace) -> int:
     configure_logging("info")
     return run_async(serve_demo(args.port, args.admin_port, args.emulator_port))
 
+
+def emulator(args: argparse.Namespace) -> int:
+    """Only the Credicorp emulator; its arguments and exit codes are the emulator's own."""
+    from proxy.emulator import cli as emulator_cli
+
+    return emulator_cli.run(args)
