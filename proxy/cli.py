@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from proxy import __version__, commands
+from proxy import commands
 from proxy.errors import ConfigError
 
 
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="credicorp-proxy",
         description="Sidecar proxy that calls the Credicorp API with least-privilege OAuth tokens.",
     )
-    parser.add_argument("--version", action="version", version=f"credicorp-proxy {__version__}")
+    parser.add_argument("--version", action=_ShowVersion, help="show program's version number and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_CommandParser)
     run = sub.add_parser("run", help="run the proxy")
     _add_config(run, required=False)
@@ -66,6 +66,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(health, required=False)
     health.set_defaults(func=commands.healthcheck)
     return parser
+
+
+class _ShowVersion(argparse.Action):
+    """``--version`` as argparse's own prints it, but the version is looked up only when asked
+    (``proxy.__version__`` costs an ``importlib.metadata`` import: see ``proxy/__init__.py``)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, argparse.SUPPRESS, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        from proxy import __version__
+
+        print(f"credicorp-proxy {__version__}")
+        parser.exit()
 
 
 class _CommandParser(argparse.ArgumentParser):
