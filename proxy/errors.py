@@ -1,4 +1,4 @@
-"""Project exceptions, each carrying the proxy error code and HTTP status of SPEC §4.
+"""Project exceptions, each carrying its proxy error code and HTTP status (README.md's error table).
 
 The forwarding handler maps any ``ProxyError`` to a response in one place, so
 a new failure mode is one new class here, not a new branch in the handler.
