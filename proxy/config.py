@@ -40,8 +40,9 @@ from proxy.config_env import (
 from proxy.config_report import Report, check_keys, key_path
 from proxy.config_values import check_values, coerce, host_port
 from proxy.errors import ConfigError
-from proxy.routes import parse_routes, show
+from proxy.routes import parse_routes
 from proxy.settings import AuthSettings, CacheSettings, ListenAddress, Settings
+from proxy.wording import show
 
 __all__ = ["ENV_PREFIX", "SECTIONS", "env_variables", "load_config", "parse_config"]
 

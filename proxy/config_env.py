@@ -14,7 +14,6 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from proxy.config_report import Report, key_path
-from proxy.routes import did_you_mean, show
 from proxy.settings import (
     AuthSettings,
     CacheSettings,
@@ -23,6 +22,7 @@ from proxy.settings import (
     RefreshSettings,
     UpstreamSettings,
 )
+from proxy.wording import did_you_mean, show
 
 ENV_PREFIX: Final = "CCP_"
 SECTIONS: Final[dict[str, type]] = {

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from proxy.redact import mask_secrets_in
-from proxy.routes import did_you_mean
+from proxy.wording import did_you_mean
 
 
 class Report:

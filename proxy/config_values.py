@@ -21,12 +21,13 @@ from typing import Any, Final
 
 from proxy.config_report import Report, key_path
 from proxy.redact import mask_url
-from proxy.routes import parse_bool, show
+from proxy.routes import parse_bool
 from proxy.scopes import KNOWN_AUDIENCES
 from proxy.settings import ListenAddress
 from proxy.tokens.discovery_trust import check_allowed_hosts
 from proxy.tokens.sealing import Keyring, SealingKeyError
 from proxy.urls import HOSTNAME, check_url
+from proxy.wording import show
 
 
 # ------------------------------------------------------------- coercion

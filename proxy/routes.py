@@ -22,7 +22,6 @@ GET is (a HEAD is a GET without a body and needs the same scopes).
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -31,6 +30,7 @@ from typing import Any, Final
 
 from proxy.scopes import HIGH_RISK_SCOPES, KNOWN_AUDIENCES, KNOWN_SCOPES, PARTNER_SCOPES, WRITE_SCOPES
 from proxy.settings import RouteSpec
+from proxy.wording import did_you_mean, show
 
 __all__ = [
     "HTTP_METHODS",
@@ -39,12 +39,10 @@ __all__ = [
     "RouteTable",
     "Seg",
     "accepts_method",
-    "did_you_mean",
     "parse_pattern",
     "parse_routes",
     "pattern_covers",
     "shadowed_routes",
-    "show",
 ]
 
 ANY_METHOD: Final = "*"
@@ -317,11 +315,6 @@ class _Findings:
         self.problems.append(f"{where}: {message}")
 
 
-def show(value: object) -> str:
-    """A value as it appears in a problem message: strings double-quoted, like the YAML."""
-    return '"' + value.replace('"', '\\"') + '"' if isinstance(value, str) else repr(value)
-
-
 _TRUE: Final = frozenset({"true", "1", "yes", "on"})
 _FALSE: Final = frozenset({"false", "0", "no", "off"})
 
@@ -336,12 +329,6 @@ def parse_bool(value: object) -> bool:
     if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
         return value.strip().lower() in _TRUE
     raise ValueError(f"expected true or false, got {show(value)}")
-
-
-def did_you_mean(word: str, choices: Iterable[str]) -> str:
-    """A difflib suggestion for a misspelt key, method or scope ("" when nothing is close)."""
-    close = difflib.get_close_matches(word, sorted(choices), n=1, cutoff=0.6)
-    return f' (did you mean "{close[0]}"?)' if close else ""
 
 
 def parse_routes(raw: Any, default_audience: str) -> tuple[tuple[RouteSpec, ...], list[str], list[str]]:

@@ -21,7 +21,7 @@ from typing import Final
 from urllib.parse import urlsplit
 
 from proxy.redact import mask_url
-from proxy.routes import show
+from proxy.wording import show
 
 #: A DNS host name in ASCII: labels of letters, digits and inner hyphens, an optional final dot.
 HOSTNAME: Final = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
