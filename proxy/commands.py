@@ -22,7 +22,7 @@ import yaml
 
 from proxy.app import ProxyServer, open_shared_cache
 from proxy.config import load_config, parse_config, read_yaml
-from proxy.inspect_config import render_check, render_explain
+from proxy.config.inspect import render_check, render_explain
 from proxy.logs import configure_logging
 from proxy.metrics import Metrics
 from proxy.redact import mask_url

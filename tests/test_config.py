@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from proxy.config import load_config, parse_config
-from proxy.config_env import SECTIONS, env_variables
+from proxy.config.env import SECTIONS, env_variables
 from proxy.emulator.api import API_ROUTES
 from proxy.errors import ConfigError
 from proxy.settings import ListenAddress, Settings
@@ -628,14 +628,14 @@ def test_shipped_table_covers_exactly_the_emulated_partner_api() -> None:
     ],
 )
 def test_list_keys_take_a_yaml_list_or_comma_separated_text(value: Any, expected: tuple[str, ...]) -> None:
-    from proxy.config_values import coerce
+    from proxy.config.values import coerce
 
     assert coerce(value, tuple[str, ...]) == expected
 
 
 @pytest.mark.parametrize("value", [["a", 1], 3, {"a": 1}])
 def test_list_keys_refuse_anything_but_strings(value: Any) -> None:
-    from proxy.config_values import coerce
+    from proxy.config.values import coerce
 
     with pytest.raises(ValueError, match="expected a list of strings"):
         coerce(value, tuple[str, ...])

@@ -19,7 +19,7 @@ import typing
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
-from proxy.config_report import Report, key_path
+from proxy.config.report import Report, key_path
 from proxy.redact import mask_url
 from proxy.routes import parse_bool
 from proxy.scopes import KNOWN_AUDIENCES

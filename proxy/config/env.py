@@ -13,7 +13,7 @@ import re
 from collections.abc import Mapping
 from typing import Any, Final
 
-from proxy.config_report import Report, key_path
+from proxy.config.report import Report, key_path
 from proxy.settings import (
     AuthSettings,
     CacheSettings,
