@@ -13,6 +13,8 @@ import yaml
 
 from proxy.config import load_config, parse_config
 from proxy.config.env import SECTIONS, env_variables
+from proxy.config.report import Report
+from proxy.config.routes import parse_routes
 from proxy.emulator.api import API_ROUTES
 from proxy.errors import ConfigError
 from proxy.settings import ListenAddress, Settings
@@ -302,6 +304,32 @@ def test_route_audience_overrides_the_default() -> None:
     raw = with_key(raw, "auth.audience", "public/v1")
     raw["routes"].append(route(path="/partner/v1/decisions"))
     assert [r.audience for r in parse(raw).routes] == ["internal/v1", "public/v1"]
+
+
+def test_parse_routes_normalises_methods_and_scopes() -> None:
+    raw = [{"methods": ["get", "Head"], "path": "/a", "scopes": ["decisions:read", "applications:read"] * 2}]
+    report = Report()
+    routes = parse_routes(raw, "partner/v1", report)
+    assert report.problems == [] and report.warnings == []
+    assert routes[0].methods == frozenset({"GET", "HEAD"})
+    assert routes[0].scopes == ("applications:read", "decisions:read")
+    assert routes[0].audience == "partner/v1" and routes[0].name == "" and routes[0].index == 0
+    assert routes[0].label == "GET,HEAD /a"
+
+
+def test_parse_routes_keeps_the_table_index_of_each_route() -> None:
+    raw = [{"methods": ["GET"], "path": f"/r{i}", "scopes": ["decisions:read"]} for i in range(3)]
+    routes = parse_routes(raw, "internal/v1", Report())
+    assert [r.index for r in routes] == [0, 1, 2]
+    assert {r.audience for r in routes} == {"internal/v1"}
+
+
+def test_a_route_with_a_problem_already_reported_at_its_path_is_still_left_out() -> None:
+    """The report keeps one problem per path; the entry is dropped all the same, so the table rules
+    (here: unique names) never judge a route that is already wrong."""
+    raw = minimal()
+    raw["routes"].append(route(name="decisions.get", path="/partner/v1/decisions", scopes=["${SCOPE}"]))
+    assert problems(raw) == ["routes[1].scopes[0]: environment variable SCOPE is not set"]
 
 
 # ----------------------------------------------------------------- warnings

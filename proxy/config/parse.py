@@ -6,7 +6,7 @@ traceback: an operator fixes them all in one round. So every parser appends
 to one ``Report`` and carries on, and ``ConfigError`` is raised once, at the
 end, with the whole list. This module assembles: the environment's part is
 ``proxy.config.env``, what one value may be ``proxy.config.values``, the
-route table's schema ``proxy.routes.parse_routes``.
+route table's schema ``proxy.config.routes``.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from typing import Any, Final
 
 from proxy.config.env import SECTIONS, TOP_SCALARS, env_overrides, interpolate
 from proxy.config.report import Report, check_keys, key_path
+from proxy.config.routes import parse_routes
 from proxy.config.values import check_values, coerce, host_port
 from proxy.errors import ConfigError
-from proxy.routes import parse_routes
 from proxy.settings import AuthSettings, CacheSettings, ListenAddress, Settings
 from proxy.wording import show
 
@@ -80,10 +80,7 @@ def parse_config(raw: Mapping[str, Any], env: Mapping[str, str], *, check_files:
     _check_secret(values["auth"], report)
     _check_listeners(top, where, report)
     _check_cache_trust(values["cache"], values["auth"], report)
-    routes, problems, warnings = parse_routes(tree.get("routes"), values["auth"].audience)
-    for problem in problems:  # through the report, so an interpolation problem is not repeated
-        report.problem(*problem.split(": ", 1))
-    report.warnings += warnings
+    routes = parse_routes(tree.get("routes"), values["auth"].audience, report)
     if report.problems:
         raise ConfigError(report.problems)
     return Settings(

@@ -28,9 +28,12 @@ class Report:
             self._bad.add(where)
             self.problems.append(f"{where}: {message}")
 
-    def warn(self, where: str, message: str) -> None:
-        """Warnings are printed by check-config and logged at start: masked like problems."""
-        self.warnings.append(mask_secrets_in(f"{where}: {message}"))
+    def warn(self, where: str, message: str, *, sep: str = ": ") -> None:
+        """Warnings are printed by check-config and logged at start: masked like problems.
+
+        ``sep=" "`` makes the key path the subject of a sentence (``routes[5] is shadowed ...``).
+        """
+        self.warnings.append(mask_secrets_in(f"{where}{sep}{message}"))
 
 
 def key_path(parent: str, key: str | int) -> str:

@@ -21,7 +21,6 @@ from typing import Any, Final
 
 from proxy.config.report import Report, key_path
 from proxy.redact import mask_url
-from proxy.routes import parse_bool
 from proxy.scopes import KNOWN_AUDIENCES
 from proxy.settings import ListenAddress
 from proxy.tokens.discovery_trust import check_allowed_hosts
@@ -70,8 +69,20 @@ def _to_str_tuple(value: Any) -> tuple[str, ...]:
     raise ValueError(f"expected a list of strings (or comma-separated text), got {show(value)}")
 
 
-def _to_bool(value: Any) -> bool:
-    return parse_bool(value)
+_TRUE: Final = frozenset({"true", "1", "yes", "on"})
+_FALSE: Final = frozenset({"false", "0", "no", "off"})
+
+
+def parse_bool(value: object) -> bool:
+    """A YAML boolean, or its text from ``${VAR}`` or a ``CCP_`` variable.
+
+    Text accepted: true/false, 1/0, yes/no, on/off, in any case.
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ValueError(f"expected true or false, got {show(value)}")
 
 
 def _to_number(kind: type[int] | type[float]) -> Callable[[Any], Any]:
@@ -95,7 +106,7 @@ def _to_listen(value: Any) -> ListenAddress:
 
 
 _SCALARS: Final[dict[Any, Callable[[Any], Any]]] = {
-    bool: _to_bool,
+    bool: parse_bool,
     int: _to_number(int),
     float: _to_number(float),
     str: _expect_str,
