@@ -17,10 +17,11 @@ import typing
 from collections.abc import Mapping
 from typing import Any, Final
 
+from proxy.config.cache_url import parse_cache_url
 from proxy.config.env import SECTIONS, TOP_SCALARS, env_overrides, interpolate
 from proxy.config.report import Report, check_keys, key_path
 from proxy.config.routes import parse_routes
-from proxy.config.values import check_values, coerce, host_port
+from proxy.config.values import check_values, coerce
 from proxy.errors import ConfigError
 from proxy.settings import AuthSettings, CacheSettings, ListenAddress, Settings
 from proxy.wording import show
@@ -153,12 +154,8 @@ def _check_cache_trust(cache: CacheSettings, auth: AuthSettings, report: Report)
 def _cache_hosts(url: str) -> list[str]:
     """The host names of a ``redis*://`` URL (every node of a Sentinel or Cluster list); none
     for ``memory://``, ``unix://`` and a URL the value checks already refused."""
-    scheme, _, rest = url.partition("://")
-    if not scheme.lower().startswith("redis"):
-        return []
-    netloc = rest.partition("?")[0].partition("/")[0].rpartition("@")[2]  # credentials never shown
     try:
-        return [host_port(item)[0] for item in netloc.split(",")]
+        return [host for host, _ in parse_cache_url(url).hosts]  # credentials never shown
     except ValueError:
         return []
 

@@ -11,7 +11,6 @@ caller records a problem and goes on, so every bad key is reported in one round.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import os
 import re
 import types
@@ -19,13 +18,14 @@ import typing
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
+from proxy.config.addresses import parse_listen
+from proxy.config.cache_url import check_cache_url
 from proxy.config.report import Report, key_path
-from proxy.redact import mask_url
 from proxy.scopes import KNOWN_AUDIENCES
 from proxy.settings import ListenAddress
 from proxy.tokens.discovery_trust import check_allowed_hosts
 from proxy.tokens.sealing import Keyring, SealingKeyError
-from proxy.urls import HOSTNAME, check_url
+from proxy.urls import check_url
 from proxy.wording import show
 
 
@@ -141,88 +141,6 @@ def _check_key_file(path: str) -> str | None:
 
 
 # ------------------------------------------------------------ value checks
-def parse_listen(text: str) -> ListenAddress:
-    """``host:port``, ``[v6]:port`` or ``unix:/absolute/path`` (port 0 = any free port, for tests)."""
-    if text.startswith("unix:"):
-        if not text[5:].startswith("/"):
-            raise ValueError(f"expected unix:/absolute/path, got {show(text)}")
-        return ListenAddress(host="", port=0, unix_path=text[5:])
-    host, port = host_port(text) if ":" in text else ("", None)
-    if port is None:
-        raise ValueError(f"expected host:port, [v6]:port or unix:/path, got {show(text)}")
-    return ListenAddress(host, port)
-
-
-_HOST_PORT: Final = re.compile(
-    r"\[(?P<v6>[^\]]+)\](?::(?P<p6>\d+))?|(?P<host>[^:\[\]/\s@,]+)(?::(?P<port>\d+))?"
-)
-
-
-def host_port(text: str) -> tuple[str, int | None]:
-    """Split and check ``host[:port]``; ``ValueError`` if the host or port is not valid."""
-    m = _HOST_PORT.fullmatch(text)
-    host = (m["v6"] or m["host"]) if m else ""
-    port = (m["p6"] or m["port"]) if m else None
-    try:
-        if m and m["v6"]:
-            ipaddress.IPv6Address(host)
-        elif m and re.fullmatch(r"[\d.]+", host):
-            ipaddress.IPv4Address(host)
-        elif not HOSTNAME.fullmatch(host):
-            raise ValueError
-    except ValueError:
-        raise ValueError(f"not a valid host[:port]: {show(text)}") from None
-    if port is not None and int(port) > 65535:
-        raise ValueError(f"port out of range in {show(text)}")
-    return host, None if port is None else int(port)
-
-
-#: scheme -> (what may follow the host list, as a regex; the same, for humans). Matches
-#: what ``proxy.tokens.redis_cache.connect`` accepts.
-_REDIS_PATHS: Final = {
-    "redis": (r"(/\d+)?/?", "[/db]"),
-    "rediss": (r"(/\d+)?/?", "[/db]"),
-    "redis+sentinel": (r"/[^/]+(/\d+)?/?", "/service_name[/db]"),
-    "redis+cluster": (r"/?", "no path"),
-    "rediss+cluster": (r"/?", "no path"),
-}
-
-
-def check_cache_url(url: str) -> str | None:
-    """``memory://``; ``redis[s]://[auth@]host[:port][/db]``; ``unix://[auth@]/path.sock``;
-    ``redis+sentinel://[auth@]h:p[,h:p...]/service_name[/db]``; ``redis[s]+cluster://[auth@]h:p[,h:p...]``.
-    Query options (``?db=``) pass through to the client. Messages show the URL masked (``mask_url``):
-    a mistyped scheme must not print the password that follows it."""
-    scheme, sep, rest = url.partition("://")
-    scheme = scheme.lower()
-    if sep and "@" in rest and any(ch in rest[: rest.rfind("@")] for ch in "/?#"):
-        # The client would end the host part at that character and read the rest of the
-        # password as the path; the pieces this check would then quote hold part of it.
-        return (
-            "percent-encode '/', '?' and '#' in the user and password (%2F, %3F, %23)"
-            " and an '@' after the host (%40)"
-        )
-    if sep and scheme in ("memory", "unix"):
-        ok = rest == "" if scheme == "memory" else rest.rpartition("@")[2].startswith("/")
-        return None if ok else "expected memory:// or unix:///absolute/path.sock"
-    if not sep or scheme not in _REDIS_PATHS:
-        return f"expected memory://, unix:// or a {', '.join(_REDIS_PATHS)} URL, got {show(mask_url(url))}"
-    netloc, slash, tail = rest.partition("?")[0].partition("/")
-    hosts = netloc.rpartition("@")[2].split(",")
-    if scheme in ("redis", "rediss") and len(hosts) > 1:
-        return "one host only; use redis+sentinel:// or redis+cluster:// for several"
-    try:
-        ports = [host_port(host)[1] for host in hosts]
-    except ValueError as exc:
-        return str(exc)
-    if "+" in scheme and None in ports:
-        return f"{scheme}:// needs host:port for every node"
-    pattern, expected = _REDIS_PATHS[scheme]
-    if not re.fullmatch(pattern, slash + tail):
-        return f"{scheme}:// takes {expected} after the host, got {show(slash + tail)}"
-    return None
-
-
 _HEADER_NAME: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
