@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from proxy.config import load_config, parse_config
-from proxy.config.env import SECTIONS, env_variables
+from proxy.config.env import env_variables
+from proxy.config.keys import SECTIONS
 from proxy.config.report import Report
 from proxy.config.routes import parse_routes
 from proxy.emulator.api import API_ROUTES

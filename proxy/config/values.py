@@ -1,31 +1,24 @@
-"""One configuration value: coerced from YAML or env text to its settings type, then checked.
+"""One configuration value: coerced from YAML or env text to its settings type; the checks keys use.
 
 Coercion accepts strings for numbers and booleans (``${VAR}`` and env values
-are always strings); the per-key checks hold the rules a value must meet on
-its own: listen addresses, URLs a token or secret may be sent to (TLS unless
-loopback), cache URLs, ranges and choices. A check returns its message (None
+are always strings). A check is the rule a value must meet on its own (a
+range, a choice, a pattern, header names, a usable key file); which key gets
+which is declared in ``proxy.config.keys``. A check returns its message (None
 when the value is fine) and coercion raises ``ValueError``; either way the
 caller records a problem and goes on, so every bad key is reported in one round.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import os
 import re
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, Final
 
 from proxy.config.addresses import parse_listen
-from proxy.config.cache_url import check_cache_url
-from proxy.config.report import Report, key_path
-from proxy.scopes import KNOWN_AUDIENCES
 from proxy.settings import ListenAddress
-from proxy.tokens.discovery_trust import check_allowed_hosts
 from proxy.tokens.sealing import Keyring, SealingKeyError
-from proxy.urls import check_url
 from proxy.wording import show
 
 
@@ -114,96 +107,46 @@ _SCALARS: Final[dict[Any, Callable[[Any], Any]]] = {
 }
 
 
-# ------------------------------------------------------- checking a section
-def check_values(
-    obj: Any, section: str, where: Mapping[str, str], report: Report, *, check_files: bool
-) -> None:
-    """The per-key rules of one section, defaults included (an empty default client_id is a problem)."""
-    for f in dataclasses.fields(obj):
-        path, value = key_path(section, f.name), getattr(obj, f.name)
-        check = _VALUE_CHECKS.get(path)
-        if value is not None and check is not None and (message := check(value)):
-            report.problem(where[path], message)
-        if check_files and path in _FILES and value is not None:
-            if not os.access(value, os.R_OK):
-                report.problem(where[path], f"cannot read {show(value)}")
-            elif (content_check := _FILE_CONTENT_CHECKS.get(path)) and (message := content_check(value)):
-                report.problem(where[path], message)
+# ------------------------------------------------------------ value checks
+#: A rule one value must meet on its own: the problem's message, or None when the value is fine.
+Check = Callable[[Any], str | None]
 
 
-def _check_key_file(path: str) -> str | None:
+def in_range(test: Callable[[float], bool], message: str) -> Check:
+    return lambda v: None if test(v) else f"{message}, got {v}"
+
+
+positive: Final = in_range(lambda v: v > 0, "must be > 0")
+non_negative: Final = in_range(lambda v: v >= 0, "must be >= 0")
+
+
+def one_of(choices: typing.Collection[str]) -> Check:
+    return lambda v: None if v in choices else f"expected one of {', '.join(sorted(choices))}, got {show(v)}"
+
+
+def matches(pattern: str, expected: str) -> Check:
+    """The whole value matches ``pattern`` (ASCII classes), else ``expected`` is the message."""
+    compiled = re.compile(pattern, re.ASCII)
+    return lambda v: None if compiled.fullmatch(v) else expected
+
+
+def not_empty(value: str) -> str | None:
+    return None if value.strip() else "must not be empty"
+
+
+_HEADER_NAME: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def header_names(names: tuple[str, ...]) -> str | None:
+    """Each a header name (an RFC 9110 token): a typo with a space or a colon would strip nothing."""
+    bad = [name for name in names if not _HEADER_NAME.fullmatch(name)]
+    return f"not a header name: {', '.join(show(name) for name in bad)}" if bad else None
+
+
+def key_file(path: str) -> str | None:
     """A key file that reads but cannot be used fails validation, not start-up with a traceback."""
     try:
         Keyring.from_file(path)
     except SealingKeyError as exc:  # names the file and line, never key material
         return str(exc)
     return None
-
-
-# ------------------------------------------------------------ value checks
-_HEADER_NAME: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-
-
-def _check_header_names(names: tuple[str, ...]) -> str | None:
-    """Each a header name (an RFC 9110 token): a typo with a space or a colon would strip nothing."""
-    bad = [name for name in names if not _HEADER_NAME.fullmatch(name)]
-    return f"not a header name: {', '.join(show(name) for name in bad)}" if bad else None
-
-
-def _one_of(choices: typing.Collection[str]) -> Callable[[str], str | None]:
-    return lambda v: None if v in choices else f"expected one of {', '.join(sorted(choices))}, got {show(v)}"
-
-
-def _check_range(test: Callable[[float], bool], message: str) -> Callable[[float], str | None]:
-    return lambda v: None if test(v) else f"{message}, got {v}"
-
-
-_POSITIVE: Final = _check_range(lambda v: v > 0, "must be > 0")
-_NON_NEGATIVE: Final = _check_range(lambda v: v >= 0, "must be >= 0")
-_VALUE_CHECKS: Final[dict[str, Callable[[Any], str | None]]] = {
-    "upstream.url": lambda v: check_url(v, origin=True),
-    "upstream.timeout_s": _POSITIVE,
-    "upstream.connect_timeout_s": _POSITIVE,
-    "upstream.read_timeout_s": _POSITIVE,
-    "upstream.retry_body_limit": _NON_NEGATIVE,
-    "upstream.kept_body_budget_bytes": _NON_NEGATIVE,
-    "upstream.max_body_bytes": _POSITIVE,
-    "upstream.pool_size": _POSITIVE,
-    "upstream.response_buffer_bytes": _check_range(
-        lambda v: 0 <= v <= 16 * 1024 * 1024, "must be between 0 and 16777216 (16 MiB)"
-    ),
-    "upstream.strip_headers": _check_header_names,
-    "auth.issuer": check_url,
-    "auth.token_endpoint": check_url,
-    "auth.client_id": lambda v: None if v.strip() else "must not be empty",
-    "auth.client_secret": lambda v: None if v.strip() else "must not be empty",
-    "auth.audience": _one_of(KNOWN_AUDIENCES),
-    "auth.default_expires_in": _POSITIVE,
-    "auth.timeout_s": _POSITIVE,
-    "auth.allowed_hosts": check_allowed_hosts,
-    "auth.max_mint_rate": _check_range(lambda v: 0 < v < 10, "must be > 0 and < 10 (platform limit 10/s)"),
-    "cache.url": check_cache_url,
-    "cache.key_prefix": lambda v: (
-        None if re.fullmatch(r"[\w.:-]+", v, re.ASCII) else "expected [A-Za-z0-9_.:-]+"
-    ),
-    "cache.timeout_s": _POSITIVE,
-    "refresh.at_fraction": _check_range(lambda v: 0 < v < 1, "must be between 0 and 1, exclusive"),
-    "refresh.min_margin_s": _NON_NEGATIVE,
-    "refresh.idle_s": _POSITIVE,
-    "refresh.jitter_s": _NON_NEGATIVE,
-    "logging.level": lambda v: _one_of(("debug", "info", "warning", "error", "critical"))(v.lower()),
-    "limits.max_header_bytes": _check_range(
-        lambda v: 1024 <= v <= 1024 * 1024, "must be between 1024 and 1048576 (1 MiB)"
-    ),
-    "limits.max_headers": _check_range(lambda v: 1 <= v <= 1000, "must be between 1 and 1000"),
-    "limits.header_timeout_s": _POSITIVE,
-    "limits.keepalive_timeout_s": _POSITIVE,
-    "limits.body_timeout_s": _POSITIVE,
-    "limits.listen_max_connections": _POSITIVE,
-    "limits.admin_max_connections": _POSITIVE,
-    "shutdown_grace_s": _NON_NEGATIVE,
-}
-_FILES: Final = ("upstream.ca_file", "auth.ca_file", "auth.client_secret_file", "cache.encryption_key_file")
-_FILE_CONTENT_CHECKS: Final[dict[str, Callable[[str], str | None]]] = {
-    "cache.encryption_key_file": _check_key_file,
-}
