@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from proxy.config import load_config, parse_config
-from proxy.config.env import env_variables
+from proxy.config.env import env_variables, interpolate, references
 from proxy.config.keys import SECTIONS
 from proxy.config.report import Report
 from proxy.config.routes import parse_routes
@@ -406,6 +406,31 @@ def test_double_dollar_escapes_and_malformed_references_are_reported() -> None:
 def test_keys_overridden_from_the_environment_are_not_interpolated() -> None:
     raw = with_key(minimal(), "auth.client_id", "${CC_CLIENT_ID}")
     assert parse(raw, {"CCP_AUTH_CLIENT_ID": "cc_client_env"}).auth.client_id == "cc_client_env"
+
+
+@pytest.mark.parametrize(
+    ("text", "names"),
+    [
+        ("${A}", {"A"}),
+        ("x-${A}-${B_2}", {"A", "B_2"}),
+        ("$${A}", set()),  # a literal ${A}
+        ("$$${A}", set()),
+        ("${A:-default}", set()),
+        ("${A:-}", set()),
+        ("${1A} ${A", set()),  # malformed: interpolation reports them
+    ],
+)
+def test_references_are_the_variables_without_a_default(text: str, names: set[str]) -> None:
+    tree = {"auth": {"client_id": text}, "routes": [{"scopes": [text]}], "n": 5}
+    assert references(tree) == names
+
+
+def test_references_name_exactly_what_interpolation_finds_unset() -> None:
+    tree = {"a": "${A}", "b": "$${B}", "c": "${C:-c}", "d": ["x${D}y"], "e": "${1E}"}
+    report = Report()
+    interpolate(tree, {}, "", report, skip=set())
+    unset = {p.split(" ")[-4] for p in report.problems if p.endswith(" is not set")}
+    assert unset == references(tree) == {"A", "D"}
 
 
 # --------------------------------------------------------- env overrides
