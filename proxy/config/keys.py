@@ -130,7 +130,8 @@ _DECLARED: Final = (
     ),
     Key(
         "upstream.connect_timeout_s",
-        "",
+        "to get a connection to the API: a new one's TCP and TLS set-up, or the wait for a free one "
+        "when all `pool_size` are busy",
         check=positive,
     ),
     Key(
