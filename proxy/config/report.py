@@ -1,8 +1,10 @@
 """How configuration problems are collected and named: the ``Report`` and key paths.
 
-Shared by every config module (loading, environment, value checks) so that
-each problem names the key path an operator edits (``auth.issuer``,
-``routes[3].scopes[0]``) and at most one problem is kept per path.
+The one collector of a config's problems and warnings: the environment, each
+key's check, the rules across keys and the route table all record into the
+same ``Report``, so each problem names the key path an operator edits
+(``auth.issuer``, ``routes[3].scopes[0]``), at most one problem is kept per
+path, and every warning is masked the same way.
 """
 
 from __future__ import annotations
