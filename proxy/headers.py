@@ -69,20 +69,23 @@ def header_names(names: Iterable[str]) -> frozenset[str]:
     return frozenset(name.lower().replace("_", "-") for name in names)
 
 
-def upstream_request_headers(
-    incoming: CIMultiDictProxy[str],
-    *,
-    replace_forwarded: bool = False,
-    strip: frozenset[str] = frozenset(),
-) -> CIMultiDict[str]:
-    """The client's end-to-end headers, minus everything that must not reach the API.
+def request_drop(*, replace_forwarded: bool = False, strip: frozenset[str] = frozenset()) -> frozenset[str]:
+    """Every name ``upstream_request_headers`` drops whatever the request says, computed once per config.
 
     ``strip`` (from ``header_names``) are further names never forwarded: the method and URL
-    override headers by default.
+    override headers by default; ``replace_forwarded`` drops the client's forwarding headers,
+    which the proxy then writes itself.
     """
-    drop = REQUEST_DROP | strip | _connection_listed(incoming)
-    if replace_forwarded:
-        drop = drop | FORWARDED
+    return REQUEST_DROP | strip | (FORWARDED if replace_forwarded else frozenset())
+
+
+def upstream_request_headers(
+    incoming: CIMultiDictProxy[str], *, drop: frozenset[str] = REQUEST_DROP
+) -> CIMultiDict[str]:
+    """The client's end-to-end headers, minus ``drop`` (``request_drop``) and what ``Connection`` names."""
+    listed = _connection_listed(incoming)
+    if listed:
+        drop = drop | listed
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
         lowered = name.lower()

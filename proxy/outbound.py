@@ -27,7 +27,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from proxy import errors
-from proxy.headers import header_names, upstream_request_headers
+from proxy.headers import header_names, request_drop, upstream_request_headers
 from proxy.metrics import Metrics
 from proxy.paths import SafeTarget
 from proxy.settings import RouteSpec, UpstreamSettings
@@ -188,7 +188,9 @@ class OutboundPreparer:
     def __init__(self, settings: UpstreamSettings, kept: KeptBodies) -> None:
         self._origin = settings.url.rstrip("/")
         self._forwarded = settings.forwarded_headers
-        self._strip = header_names(settings.strip_headers)
+        self._drop = request_drop(
+            replace_forwarded=settings.forwarded_headers, strip=header_names(settings.strip_headers)
+        )
         self._keep = settings.retry_body_limit
         self._limit = settings.max_body_bytes
         self._kept = kept
@@ -202,9 +204,7 @@ class OutboundPreparer:
         self, request: web.Request, target: SafeTarget, route: RouteSpec, request_id: str
     ) -> OutboundRequest:
         """The request to send, its body read or ready to stream; a failure gives its budget share back."""
-        headers = upstream_request_headers(
-            request.headers, replace_forwarded=self._forwarded, strip=self._strip
-        )
+        headers = upstream_request_headers(request.headers, drop=self._drop)
         headers["X-Request-Id"] = request_id
         if self._forwarded:
             headers["X-Forwarded-For"] = request.remote or "unknown"

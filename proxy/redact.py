@@ -46,14 +46,17 @@ def mask_url(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     if not sep:
         scheme, rest = "", url
+    # Options first, so an "@" inside a credential option's value (?password=a@b) is masked with
+    # the value and cannot be taken for the end of a userinfo that would leave its tail shown.
+    rest = _mask_options(rest)
     at = rest.rfind("@")  # the last one: a password may hold an unencoded "@"
     if at >= 0:
         user, colon, password = rest[:at].partition(":")
         # A user with a password is a username; alone (or with an empty password) it may be a token.
         named = colon and password and not any(ch in user for ch in "/?#")
         userinfo = f"{user}:{MASK}" if named else MASK
-        return f"{scheme}{sep}{userinfo}@{_mask_options(rest[at + 1 :])}"
-    return f"{scheme}{sep}{_mask_options(rest)}"
+        return f"{scheme}{sep}{userinfo}@{rest[at + 1 :]}"
+    return f"{scheme}{sep}{rest}"
 
 
 def mask_secrets_in(text: str) -> str:

@@ -49,6 +49,7 @@ MASKED = [
     ("redis://:p@ss@h", "redis://:***@h"),  # an unencoded "@" in the password
     ("redis://:pa/ss@h", "redis://:***@h"),  # an unencoded "/" in the password
     ("redis://h/0?client_name=a@b&password=pw", "redis://***@b&password=***"),  # "@" in a query
+    ("redis://h:6379/0?password=s3cr@tTAIL", "redis://h:6379/0?password=***"),  # "@" in a password option
     ("reddis://:pw@h", "reddis://:***@h"),  # a mistyped scheme is masked the same way
     ("redis:/:pw@h", "redis:***@h"),  # ... and a mistyped separator
     ("redis://h:6379/0", "redis://h:6379/0"),
@@ -218,3 +219,15 @@ async def test_redis_error_log_lines_never_carry_the_password(
     for record in caplog.records:
         _assert_no_password(formatter.format(record))
         _assert_no_password(repr(vars(record)))
+
+
+@pytest.mark.parametrize("secret", [123456789, ["s3cret", "x"], {"v": 1}])
+def test_an_inline_secret_that_is_not_a_string_is_refused_without_echoing_it(secret: object) -> None:
+    """An all-digit secret left unquoted in YAML is an int: the error names the key, never the value."""
+    raw = base_config("http://127.0.0.1:9")
+    raw["auth"]["client_secret"] = secret
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw, env={})
+    text = " ".join(err.value.problems)
+    assert "auth.client_secret: expected a string" in text and "(not shown)" in text
+    assert "123456789" not in text and "s3cret" not in text

@@ -89,6 +89,7 @@ class Key:
     file_check: Callable[[str], str | None] | None = None  # ... and whose contents must be usable
     shown_default: str | None = None  # the default as the reference shows it, when the value would mislead
     from_env: bool = True  # settable from its CCP_ variable
+    secret: bool = False  # its value is never shown in a message, even a malformed one
     type: Any = None
     default: Any = None
 
@@ -213,6 +214,7 @@ _DECLARED: Final = (
         "inline secret (use `${VAR}`); exactly one of the two",
         check=not_empty,
         shown_default="",
+        secret=True,
     ),
     Key(
         "auth.method",

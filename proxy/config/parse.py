@@ -86,7 +86,10 @@ def _read_section(
         try:
             values[key.name] = coerce(value, key.type, from_env=key.path in overrides)
         except ValueError as exc:
-            report.problem(where[key.path], str(exc))
+            # A secret left unquoted (all digits) or given as a list must not be echoed back.
+            shown = f"expected a string, got a {type(value).__name__} (not shown)"
+            message = shown if key.secret else str(exc)
+            report.problem(where[key.path], message)
     return values, where
 
 
