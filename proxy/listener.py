@@ -300,6 +300,10 @@ class BoundedConnection(RequestHandler):
         "_body",
         "_body_left",
         "_carry",
+        "_chunk_left",
+        "_chunk_line",
+        "_chunk_lost",
+        "_chunk_trailers",
         "_counted",
         "_head_bytes",
         "_head_deadline",
@@ -351,6 +355,11 @@ class BoundedConnection(RequestHandler):
         self._head_deadline: asyncio.TimerHandle | None = None
         self._body: StreamReader | None = None  # the incomplete body of the last request parsed
         self._body_left: int | None = None  # its bytes still to come; None for a chunked body
+        # Where a chunked body is in its framing (see ``_chunked_end``).
+        self._chunk_left = 0  # bytes of the current chunk (and its CRLF) still to come
+        self._chunk_line = b""  # a size or trailer line begun in an earlier read
+        self._chunk_trailers = False  # past the last chunk: trailer lines until an empty one
+        self._chunk_lost = False  # framing we cannot follow: the parser refuses it, so feed on
         self._lingering: asyncio.Future[None] | None = None
 
     # ---------------------------------------------------------------- lifecycle
@@ -433,7 +442,7 @@ class BoundedConnection(RequestHandler):
                 errors.HeadersTooLarge(f"more than {limits.max_headers} header fields"), "header_count"
             )
         else:
-            self._feed(piece)
+            return self._feed(piece) + data[take:]
         return data[take:]
 
     def _feed_body(self, data: bytes) -> bytes:
@@ -443,12 +452,51 @@ class BoundedConnection(RequestHandler):
             self._body_left -= take
             if self._body_left == 0:
                 self._body = None
-        else:  # chunked: the body ends right after a CRLF CRLF (the last chunk, then the trailers)
-            end = self._end_of_block(data)
+        else:  # chunked: the body ends after the last chunk and its trailers, found by the framing
+            end = self._chunked_end(data)
             take = end if end >= 0 else len(data)
-        self._feed(data[:take])
+        tail = self._feed(data[:take])
         self._check_body_end()
-        return data[take:]
+        return tail + data[take:]
+
+    def _chunked_end(self, data: bytes) -> int:
+        """The index just past the end of the chunked body in ``data``, or -1 if it goes on.
+
+        Follows the chunk sizes, so chunk data is skipped whole: a body full of CRLF CRLF
+        costs one pass, not a parser call per look-alike end. A size or trailer line longer
+        than ``max_header_bytes``, or a size that is not hex, is framing the parser refuses
+        anyway; the rest of the body is then fed as it comes.
+        """
+        if self._chunk_lost:
+            return -1
+        at, size = 0, len(data)
+        while at < size:
+            if self._chunk_left:
+                step = min(self._chunk_left, size - at)
+                self._chunk_left -= step
+                at += step
+                continue
+            eol = data.find(b"\n", at)
+            if eol < 0:
+                self._chunk_line += data[at:]
+                self._chunk_lost = len(self._chunk_line) > self._limits.max_header_bytes
+                return -1
+            line, self._chunk_line = self._chunk_line + data[at:eol], b""
+            at = eol + 1
+            if self._chunk_trailers:
+                if not line.rstrip(b"\r"):
+                    return at  # the empty line after the last chunk's trailers
+                continue
+            try:
+                chunk = int(line.split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                self._chunk_lost = True
+                return -1
+            if chunk == 0:
+                self._chunk_trailers = True
+            else:
+                self._chunk_left = chunk + 2  # the data and its CRLF
+        return -1
 
     def _end_of_block(self, data: bytes) -> int:
         """The index just past the first CRLF CRLF in ``data`` (one may start in the previous read), or -1.
@@ -468,11 +516,30 @@ class BoundedConnection(RequestHandler):
         self._carry = data[-3:] if len(data) >= 3 else (carry + data)[-3:]
         return -1
 
-    def _feed(self, piece: bytes) -> None:
+    def _feed(self, piece: bytes) -> bytes:
+        """Hand ``piece`` to aiohttp's parser; returns bytes it did not take (after an Upgrade)."""
         before = self._request_count
         super().data_received(piece)
         if self._request_count != before:
             self._message_arrived()
+        if self._upgraded and self._payload_parser is None:
+            return self._decline_upgrade()
+        return b""
+
+    def _decline_upgrade(self) -> bytes:
+        """Back to HTTP at once after a request that asked to switch protocols.
+
+        The proxy never switches (the forwarder drops ``Upgrade``, the admin app has no
+        WebSocket), and aiohttp would keep every byte after such a request as an uncounted
+        tail until the handler declined it, past the head cap and its deadline. Turned back
+        now, those bytes are the next request and are counted and bounded as one, in the
+        order aiohttp itself would parse them after declining.
+        """
+        if self._parser is not None:
+            self._parser.set_upgraded(False)
+        self._upgraded = False
+        tail, self._message_tail = self._message_tail, b""
+        return tail
 
     def _check_body_end(self) -> None:
         if self._body is not None and self._body.is_eof():
@@ -500,6 +567,8 @@ class BoundedConnection(RequestHandler):
             self._body = payload
             length = message.headers.get(hdrs.CONTENT_LENGTH)
             self._body_left = None if message.chunked or length is None else int(length)
+            self._chunk_left, self._chunk_line = 0, b""
+            self._chunk_trailers = self._chunk_lost = False
 
     # ---------------------------------------------------------------- refusals
     def _refuse(self, refusal: errors.ProxyError, limit: str) -> None:
@@ -555,6 +624,12 @@ class BoundedConnection(RequestHandler):
             return
         if self._stash or len(self._messages) >= self._max_msg_queue_size:
             self._arm_head_deadline()  # reading is paused by us (a full queue), not by the client
+            return
+        if self._head_bytes == 0:
+            # Not one byte of a request: close without an answer. An unsolicited 408 would reach a
+            # client that pre-connected (a pool warming up) as the answer to its next request.
+            self._listener.hit("header_timeout")
+            self.force_close()
             return
         timeout = self._limits.header_timeout_s
         self._refuse(
