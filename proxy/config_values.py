@@ -166,7 +166,7 @@ def host_port(text: str) -> tuple[str, int | None]:
 
 
 #: scheme -> (what may follow the host list, as a regex; the same, for humans). Matches
-#: what ``proxy.tokens.redis_cache.connect`` accepts.
+#: what ``proxy.tokens.redis_connect.connect`` accepts.
 _REDIS_PATHS: Final = {
     "redis": (r"(/\d+)?/?", "[/db]"),
     "rediss": (r"(/\d+)?/?", "[/db]"),

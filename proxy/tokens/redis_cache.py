@@ -64,26 +64,21 @@ import logging
 import math
 import random
 import re
-import ssl
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
-from urllib.parse import unquote, urlsplit
 
-from redis.asyncio import Redis
-from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
-from redis.backoff import ExponentialBackoff
-from redis.exceptions import RedisClusterException, RedisError, ResponseError
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisClusterException, ResponseError
 
 from proxy.errors import ConfigError
 from proxy.metrics import Metrics
 from proxy.settings import CacheSettings
 from proxy.tokens.model import CacheKey, Token
+from proxy.tokens.redis_connect import REDIS_ERRORS, Client, Connection, connect
 from proxy.tokens.sealing import Keyring, SealingKeyError, TokenCodec
 
 log = logging.getLogger("proxy.tokens.redis")
@@ -92,7 +87,6 @@ T = TypeVar("T")
 Clock = Callable[[], float]
 #: ``(key or None for everything, digest of the purged token or None)``.
 Invalidate = Callable[[CacheKey | None, str | None], None]
-REDIS_ERRORS = (RedisError, RedisClusterException, OSError, TimeoutError)
 
 LEASE_TTL_S = 5.0  # a dead holder blocks others at most this long; a live one renews every third of it
 LEASE_WAIT_S = 2.0  # a renewed lease (a slow mint elsewhere) is waited for at most this long
@@ -107,7 +101,6 @@ SHED_AFTER_S = 2.0  # held back by that rate this long without catching up: drop
 _SEEN_MACS_MAX = 4096  # authenticated messages remembered (within the max age) to refuse replays
 _RECENT_KEYS_MAX = 1024  # per-key drops remembered for one interval to fold repeats
 _LISTEN_BACKOFF_S = (0.1, 5.0)
-HEALTH_CHECK_S = 10
 
 # KEYS[1] token slot; ARGV: digest, channel, message. Deletes only the rejected token.
 _PURGE_IF_SAME = """
@@ -146,93 +139,6 @@ _MAC_OPEN = b',"m":"'
 _MAC_TAIL = len(_MAC_OPEN) + 64 + 2  # ,"m":"<64 hex>"}
 _HEX = re.compile(rb"[0-9a-f]{64}")
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
-
-
-Client = Redis | RedisCluster
-
-
-@dataclass(frozen=True, slots=True)
-class Connection:
-    """A client and what must be closed with it (a Sentinel set also holds sentinel connections)."""
-
-    client: Client
-    closers: tuple[Callable[[], Awaitable[None]], ...]
-
-
-def _client_options(timeout_s: float) -> dict[str, Any]:
-    """Short timeouts and ONE quick retry: redis-py's default (10 retries, 1 s cap) would stall requests."""
-    return {
-        "socket_timeout": timeout_s,
-        "socket_connect_timeout": timeout_s,
-        "retry": Retry(ExponentialBackoff(cap=0.05, base=0.01), retries=1),
-        "health_check_interval": HEALTH_CHECK_S,
-    }
-
-
-def _split_netloc(netloc: str) -> tuple[dict[str, Any], list[tuple[str, int]]]:
-    """``[user[:password]@]host:port[,host:port...]`` -> (auth kwargs, hosts)."""
-    auth: dict[str, Any] = {}
-    if "@" in netloc:
-        userinfo, _, netloc = netloc.rpartition("@")
-        user, _, password = userinfo.partition(":")
-        auth = {"username": unquote(user) or None, "password": unquote(password) or None}
-    hosts = []
-    for item in netloc.split(","):
-        host, _, port = item.strip().rpartition(":")
-        if not host or not port.isdigit():
-            raise ValueError(f"cache.url: expected host:port, got {item!r}")
-        hosts.append((host.strip("[]"), int(port)))
-    return auth, hosts
-
-
-def _sentinel(url: str, options: dict[str, Any]) -> Connection:
-    """``redis+sentinel://[auth@]h:p[,h:p]/service[/db]``: the current master, re-resolved on failover."""
-    parts = urlsplit(url)
-    auth, hosts = _split_netloc(parts.netloc)
-    path = [p for p in parts.path.split("/") if p]
-    if not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
-        raise ValueError("cache.url: redis+sentinel://host:port[,host:port]/service_name[/db]")
-    sentinel_options = {k: v for k, v in options.items() if k != "health_check_interval"}
-    sentinel = Sentinel(hosts, sentinel_kwargs=sentinel_options, **options, **auth)  # type: ignore[no-untyped-call]
-    client: Redis = sentinel.master_for(path[0], db=int(path[1]) if len(path) == 2 else 0)
-    return Connection(client, (client.aclose, *(s.aclose for s in sentinel.sentinels)))
-
-
-def _cluster(url: str, options: dict[str, Any]) -> Connection:
-    """``redis+cluster://[auth@]h:p[,h:p]`` (``rediss+cluster`` for TLS): any node bootstraps the map."""
-    scheme = url.partition("://")[0].lower()
-    auth, hosts = _split_netloc(urlsplit(url).netloc)
-    tls: dict[str, Any] = {}
-    if scheme.startswith("rediss"):
-        tls = {"ssl": True, "ssl_cert_reqs": "required", "ssl_check_hostname": True}
-    client = RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in hosts], **options, **auth, **tls)
-    return Connection(client, (client.aclose,))
-
-
-def _standalone(url: str, options: dict[str, Any]) -> Connection:
-    tls = url.lower().startswith("rediss://")
-    extra: dict[str, Any] = {"ssl_cert_reqs": "required", "ssl_check_hostname": True} if tls else {}
-    client = Redis.from_url(url, **options, **extra)
-    kwargs = client.connection_pool.connection_kwargs
-    if tls and (
-        kwargs.get("ssl_cert_reqs") not in ("required", ssl.CERT_REQUIRED)
-        or not kwargs.get("ssl_check_hostname")
-    ):
-        raise ValueError("cache.url: rediss:// always verifies the server certificate and host name")
-    return Connection(client, (client.aclose,))
-
-
-def connect(url: str, timeout_s: float) -> Connection:
-    """A client for ``cache.url``; connects lazily, so a Redis that is down does not stop start-up."""
-    scheme = url.partition("://")[0].lower()
-    options = _client_options(timeout_s)
-    if scheme == "redis+sentinel":
-        return _sentinel(url, options)
-    if scheme in ("redis+cluster", "rediss+cluster"):
-        return _cluster(url, options)
-    if scheme in ("redis", "rediss", "unix"):
-        return _standalone(url, options)
-    raise ValueError(f"cache.url: unsupported scheme {scheme!r}")
 
 
 def _glob_escape(text: str) -> str:
