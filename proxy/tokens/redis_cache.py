@@ -103,7 +103,7 @@ def _glob_escape(text: str) -> str:
 
 
 class RedisTokenCache:
-    """``TokenCache`` over Redis (standalone, TLS, Sentinel or Cluster) plus invalidation pub/sub."""
+    """``SharedTokenCache`` over Redis (standalone, TLS, Sentinel or Cluster), with invalidation pub/sub."""
 
     def __init__(
         self,
