@@ -142,7 +142,9 @@ class Forwarder:
         self._request_counters: dict[tuple[str, str, int], Any] = {}
         self._durations: dict[str, Any] = {}
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        """The proxy listener's handler. A ``BaseRequest``: the listener is aiohttp's low-level
+        ``web.Server``, which has no app or router and builds no ``web.Request``."""
         ex = Exchange(_request_id(request), request.method if request.method in _METHODS else "OTHER")
         self._in_flight.inc()
         # Token events logged by a mint this request starts carry its id (tasks copy the context).
@@ -171,7 +173,7 @@ class Forwarder:
         self._record(ex)
         return response
 
-    async def _proxy(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
+    async def _proxy(self, request: web.BaseRequest, ex: Exchange) -> web.StreamResponse:
         target = validate_target(request.method, request.raw_path)
         _check_transfer_coding(request)
         route = self._table.match(request.method, target.segments)
@@ -199,7 +201,7 @@ class Forwarder:
         return await self._relay(request, upstream, ex)
 
     # ------------------------------------------------------------ request side
-    def _check_declared_length(self, request: web.Request) -> None:
+    def _check_declared_length(self, request: web.BaseRequest) -> None:
         limit = self._settings.max_body_bytes
         if limit is not None and (request.content_length or 0) > limit:
             raise self._too_large()
@@ -207,14 +209,16 @@ class Forwarder:
     def _too_large(self) -> errors.BodyTooLarge:
         return errors.BodyTooLarge(f"request body over the {self._settings.max_body_bytes}-byte limit")
 
-    def _add_forwarding_headers(self, request: web.Request, headers: CIMultiDict[str], ex: Exchange) -> None:
+    def _add_forwarding_headers(
+        self, request: web.BaseRequest, headers: CIMultiDict[str], ex: Exchange
+    ) -> None:
         headers["X-Request-Id"] = ex.request_id
         if self._settings.forwarded_headers:
             headers["X-Forwarded-For"] = request.remote or "unknown"
             headers["X-Forwarded-Proto"] = request.scheme
 
     async def _request_body(
-        self, request: web.Request, headers: CIMultiDict[str], ex: Exchange
+        self, request: web.BaseRequest, headers: CIMultiDict[str], ex: Exchange
     ) -> tuple[bytes | AsyncIterator[bytes] | None, bool]:
         """The body to send, and whether it is kept whole so a 401 retry can resend it.
 
@@ -249,7 +253,7 @@ class Forwarder:
                 break
         return self._stream_rest(request, bytes(head), ex), False
 
-    async def _read_all(self, request: web.Request, length: int) -> bytes:
+    async def _read_all(self, request: web.BaseRequest, length: int) -> bytes:
         """Exactly the declared body, from the stream.
 
         Not ``request.read()``: that enforces aiohttp's own 1 MiB
@@ -261,7 +265,7 @@ class Forwarder:
         except (asyncio.IncompleteReadError, aiohttp.ClientConnectionError, ConnectionResetError) as exc:
             raise ClientGone() from exc
 
-    async def _stream_rest(self, request: web.Request, head: bytes, ex: Exchange) -> AsyncIterator[bytes]:
+    async def _stream_rest(self, request: web.BaseRequest, head: bytes, ex: Exchange) -> AsyncIterator[bytes]:
         """``head`` (what was read while trying to keep the body), then the rest chunk by chunk,
         within ``max_body_bytes``.
 
@@ -286,7 +290,7 @@ class Forwarder:
 
     async def _send(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         target: SafeTarget,
         headers: CIMultiDict[str],
         body: bytes | AsyncIterator[bytes] | None,
@@ -353,7 +357,7 @@ class Forwarder:
 
     async def _retry_401(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         route: RouteSpec,
         target: SafeTarget,
         headers: CIMultiDict[str],
@@ -409,7 +413,7 @@ class Forwarder:
 
     # ----------------------------------------------------------- response side
     async def _relay(
-        self, request: web.Request, upstream: aiohttp.ClientResponse, ex: Exchange
+        self, request: web.BaseRequest, upstream: aiohttp.ClientResponse, ex: Exchange
     ) -> web.StreamResponse:
         """Relay the API's answer byte for byte; reset the client on a broken upstream body.
 
@@ -441,7 +445,7 @@ class Forwarder:
             upstream.close() if ex.error else upstream.release()
         return response
 
-    def _can_buffer(self, request: web.Request, upstream: aiohttp.ClientResponse) -> bool:
+    def _can_buffer(self, request: web.BaseRequest, upstream: aiohttp.ClientResponse) -> bool:
         """Known, small length, and a body that really follows (not HEAD, 204 or 304)."""
         length = upstream.content_length
         return (
@@ -453,7 +457,7 @@ class Forwarder:
 
     async def _relay_whole(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         upstream: aiohttp.ClientResponse,
         headers: CIMultiDict[str],
         ex: Exchange,
@@ -471,7 +475,7 @@ class Forwarder:
         # Content-Length comes from the body that was read, which is the length the API declared.
         return web.Response(body=body, status=upstream.status, reason=upstream.reason, headers=headers)
 
-    def _upstream_broke(self, request: web.Request, ex: Exchange, exc: BaseException) -> None:
+    def _upstream_broke(self, request: web.BaseRequest, ex: Exchange, exc: BaseException) -> None:
         ex.error = "upstream_broke_mid_body"
         log.warning(
             "upstream broke mid-response; resetting the client connection",
@@ -549,7 +553,7 @@ class _RequestIds:
 _IDS = _RequestIds()
 
 
-def _request_id(request: web.Request) -> str:
+def _request_id(request: web.BaseRequest) -> str:
     supplied = request.headers.get("X-Request-Id")
     return supplied if supplied and _REQUEST_ID.fullmatch(supplied) else _IDS.next()
 
@@ -560,7 +564,7 @@ def _invalid_token(upstream: aiohttp.ClientResponse) -> bool:
     return match is None or match.group(1) == "invalid_token"
 
 
-async def _answer_expectation(request: web.Request) -> None:
+async def _answer_expectation(request: web.BaseRequest) -> None:
     """``Expect: 100-continue`` gets its interim answer once the request passed our own checks.
 
     aiohttp's low-level server never sends it, so a client that waits for it
@@ -596,7 +600,7 @@ def _foreign_transfer_coding(upstream: aiohttp.ClientResponse) -> bool:
     return bool(codings) and codings != ["chunked"]
 
 
-def _check_transfer_coding(request: web.Request) -> None:
+def _check_transfer_coding(request: web.BaseRequest) -> None:
     """Only ``chunked`` framing is understood; any other transfer coding is refused, not dropped.
 
     aiohttp's parser de-chunks ``gzip, chunked`` and would silently lose the gzip
