@@ -232,7 +232,7 @@ class ProxyServer:
         settings, metrics = self.settings, self.runtime.metrics
         redis = 0 if settings.cache.url.startswith("memory://") else REDIS_POOL_BUDGET
         caps = connection_caps(settings.limits, outbound=settings.upstream.pool_size + AUTH_POOL_SIZE + redis)
-        # auto_decompress=False: request bodies are forwarded as sent (SPEC §4: no decompression);
+        # auto_decompress=False: request bodies are forwarded as sent, never inflated by the proxy;
         # a Content-Encoding: gzip upload must reach the API compressed, and a gzip bomb must not
         # be inflated by the proxy.
         server = Listener("proxy", settings.limits, caps.proxy, metrics).server(

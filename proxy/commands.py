@@ -1,44 +1,30 @@
-"""What each ``credicorp-proxy`` sub-command does, once its arguments are parsed."""
+"""What each ``credicorp-proxy`` sub-command does, once its arguments are parsed.
+
+At the top only what reading a config needs. A command that serves, talks to
+Redis or starts the emulator imports that inside its function: the CLI builds
+every sub-parser on every start, and ``healthcheck`` (the image's
+HEALTHCHECK, every few seconds in every container) must not pay for the
+aiohttp server, the Redis client, the metrics or the emulator. The
+import-boundary tests (tests/test_import_boundaries.py) keep it so.
+"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import dataclasses
-import gc
-import http.client
 import logging
 import os
 import re
-import signal
-import socket
 import sys
-from collections.abc import Coroutine
-from importlib import resources
-from typing import Any
 
-import yaml
-
-from proxy.app import ProxyServer, open_shared_cache
-from proxy.config import load_config, parse_config, read_yaml
+from proxy.config import load_config, read_yaml
 from proxy.inspect_config import render_check, render_explain
 from proxy.logs import configure_logging
-from proxy.metrics import Metrics
+from proxy.probe import get_healthz
 from proxy.redact import mask_url
-from proxy.settings import ListenAddress, Settings
+from proxy.settings import Settings
 
 log = logging.getLogger("proxy.cli")
-
-
-def run_async(coro: Coroutine[Any, Any, int]) -> int:
-    """Run on uvloop when it is installed (the ``speed`` extra), else on asyncio's loop."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    result: int = uvloop.run(coro)  # typed here: without the extra, mypy knows nothing of uvloop
-    return result
 
 
 def _log_warnings(settings: Settings) -> None:
@@ -46,71 +32,9 @@ def _log_warnings(settings: Settings) -> None:
         log.warning(warning, extra={"event": "config_warning"})
 
 
-def _freeze_startup_heap() -> None:
-    """Take everything alive after start-up out of the cyclic collector's view.
-
-    Why: modules, the config, the route table and the TLS contexts live for the
-    whole process, yet every full collection walks all of them; under load that
-    walk is a pause of milliseconds that lands in the tail latency (measured at
-    saturation: p99 about 44 ms before, 17-23 ms after). Frozen objects stay
-    alive and usable; the collector just stops re-checking them.
-    """
-    gc.collect()
-    gc.freeze()
-
-
-async def serve(settings: Settings, banner: str | None = None) -> int:
-    """Run until SIGTERM/SIGINT, re-reading the secret on SIGHUP; drain, then return 0.
-
-    The handlers go in before the listeners open, so a SIGTERM during start-up
-    still drains instead of killing the process half-started. The signal itself
-    flips readiness to "draining" at once; ``ProxyServer.stop`` then closes the
-    listener and gives in-flight requests ``shutdown_grace_s``. ``stop`` runs even
-    when start-up fails, so sessions and sockets are always closed.
-    """
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    server = ProxyServer(settings)
-
-    def on_stop_signal(sig: signal.Signals) -> None:
-        if stop.is_set():
-            log.info("signal received while draining", extra={"event": "signal", "signal": sig.name})
-            return
-        server.runtime.draining = True  # readiness fails before the loop even gets to stop()
-        log.info(
-            "signal received: draining",
-            extra={"event": "draining", "signal": sig.name, "grace_s": settings.shutdown_grace_s},
-        )
-        stop.set()
-
-    def on_sighup() -> None:
-        log.info("SIGHUP: re-reading the client secret", extra={"event": "sighup"})
-        try:
-            server.runtime.reload_credentials()
-        except Exception:  # a failing reload must not kill the loop; the old secret stays
-            log.exception("credential reload on SIGHUP failed", extra={"event": "credentials_reload_failed"})
-
-    handled = [signal.SIGTERM, signal.SIGINT]
-    with contextlib.suppress(NotImplementedError):
-        for sig in handled:
-            loop.add_signal_handler(sig, on_stop_signal, sig)
-        loop.add_signal_handler(signal.SIGHUP, on_sighup)
-        handled.append(signal.SIGHUP)
-    try:
-        await server.start()
-        _freeze_startup_heap()
-        if banner:
-            print(banner.format(proxy=server.proxy_url, admin=server.admin_url), flush=True)
-        await stop.wait()
-    finally:
-        await server.stop()
-        for sig in handled:
-            with contextlib.suppress(NotImplementedError, ValueError):
-                loop.remove_signal_handler(sig)
-    return 0
-
-
 def run(args: argparse.Namespace) -> int:
+    from proxy.serve import run_async, serve
+
     settings = load_config(args.config)
     configure_logging(settings.logging.level)
     _log_warnings(settings)
@@ -184,7 +108,7 @@ def healthcheck(args: argparse.Namespace) -> int:
         settings = load_config(None, check_files=False)
     address = settings.admin_listen
     try:
-        status = _get_healthz(address, timeout=4.0)
+        status = get_healthz(address, timeout=4.0)
     except OSError as exc:
         print(f"credicorp-proxy: healthcheck: {address}: {exc}", file=sys.stderr)
         return 1
@@ -194,38 +118,9 @@ def healthcheck(args: argparse.Namespace) -> int:
     return 0
 
 
-#: A bind-all admin listener is probed on loopback.
-_LOOPBACK_FOR = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}  # noqa: S104
-
-
-def _get_healthz(address: ListenAddress, *, timeout: float) -> int:
-    if address.unix_path:
-        connection: http.client.HTTPConnection = _UnixHTTPConnection(address.unix_path, timeout)
-    else:
-        host = _LOOPBACK_FOR.get(address.host, address.host)
-        connection = http.client.HTTPConnection(host, address.port, timeout=timeout)
-    try:
-        connection.request("GET", "/healthz")
-        return connection.getresponse().status
-    finally:
-        connection.close()
-
-
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    """``http.client`` over a Unix socket (the admin listener may be ``unix:/path``)."""
-
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self._path)
-        self.sock = sock
-
-
 def flush(args: argparse.Namespace) -> int:
+    from proxy.serve import run_async
+
     settings = load_config(args.config)
     configure_logging(settings.logging.level)
     if settings.cache.url.startswith("memory://"):
@@ -246,6 +141,9 @@ async def _flush(settings: Settings) -> int:
     operator must never read "dropped" when nothing was.
     """
     import time
+
+    from proxy.app import open_shared_cache
+    from proxy.metrics import Metrics
 
     metrics = Metrics()
     cache = open_shared_cache(settings, time.time, metrics)
@@ -277,50 +175,16 @@ async def _flush(settings: Settings) -> int:
     return 0
 
 
-# ------------------------------------------------------------------- demo
-DEMO_CURLS = """
-credicorp-proxy demo is running.
-  emulator (Credicorp stand-in): {emulator}
-  proxy:                         {{proxy}}
-  admin:                         {{admin}}/metrics  /healthz  /readyz
-
-Try it (no credentials needed: the proxy adds a least-privilege token):
-  # read a decision (token scoped to decisions:read only)
-  curl -s {{proxy}}/partner/v1/decisions/dec_demo_001
-  # create an application (token scoped to applications:write only)
-  curl -s -X POST {{proxy}}/partner/v1/applications -H 'Content-Type: application/json' \\
-       -d '{{{{"company_number": "09876543", "amount": 25000, "term_months": 12}}}}'
-  # a route the table does not allow is refused by the proxy itself (403 route_not_allowed)
-  curl -si -X DELETE {{proxy}}/partner/v1/applications/app_demo_001
-  # see the tokens the emulator minted, one per scope set
-  curl -s {emulator}/_emulator/stats
-
-Press Ctrl-C to stop.
-"""
-
-
-def demo_settings(port: int, admin_port: int, emulator_url: str) -> Settings:
-    """The packaged partner/v1 route table pointed at a local emulator, memory cache."""
-    routes = yaml.safe_load(resources.files("proxy").joinpath("data/credicorp-partner-v1.yaml").read_text())
-    raw = {
-        "upstream": {"url": emulator_url},
-        "auth": {"issuer": emulator_url, "client_id": "cc_client_demo", "client_secret": "demo-secret"},
-        "listen": f"127.0.0.1:{port}",
-        "admin_listen": f"127.0.0.1:{admin_port}",
-        "cache": {"url": "memory://"},
-        "routes": routes["routes"],
-    }
-    return parse_config(raw, env={})
-
-
 def demo(args: argparse.Namespace) -> int:
+    from proxy.demo import serve_demo
+    from proxy.serve import run_async
+
     configure_logging("info")
-    return run_async(_demo(args))
+    return run_async(serve_demo(args.port, args.admin_port, args.emulator_port))
 
 
-async def _demo(args: argparse.Namespace) -> int:
-    from proxy.emulator.app import EmulatorServer
+def emulator(args: argparse.Namespace) -> int:
+    """Only the Credicorp emulator; its arguments and exit codes are the emulator's own."""
+    from proxy.emulator import cli as emulator_cli
 
-    async with EmulatorServer(host="127.0.0.1", port=args.emulator_port) as emulator:
-        settings = demo_settings(args.port, args.admin_port, emulator.url)
-        return await serve(settings, banner=DEMO_CURLS.format(emulator=emulator.url))
+    return emulator_cli.run(args)

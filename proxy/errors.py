@@ -1,4 +1,4 @@
-"""Project exceptions, each carrying the proxy error code and HTTP status of SPEC §4.
+"""Project exceptions, each carrying its proxy error code and HTTP status (README.md's error table).
 
 The forwarding handler maps any ``ProxyError`` to a response in one place, so
 a new failure mode is one new class here, not a new branch in the handler.
@@ -22,6 +22,7 @@ error body; they never contain a token, a secret or an Authorization value.
         ├── TokenUnavailable      token_unavailable    endpoint down / backing off
         └── CredentialsRejected   credentials_rejected invalid_client
 
+    ClientGone                                         499, never sent: the client's connection broke
     ConfigError                                        a config with problems (not a request error)
 """
 
@@ -140,6 +141,14 @@ class CredentialsRejected(TokenError):
 
     def __init__(self, description: str, retry_after: float = 30.0) -> None:
         super().__init__(description, retry_after)
+
+
+class ClientGone(Exception):
+    """The client's connection broke while we were reading its body or streaming to it.
+
+    Not a ``ProxyError``: there is nobody left to send an error body to. The
+    request is logged and counted as 499 ``client_gone``.
+    """
 
 
 class ConfigError(Exception):

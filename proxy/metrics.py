@@ -33,7 +33,12 @@ _AGE_BUCKETS = (1, 10, 60, 300, 600, 1200, 1800, 2700, 3300, 3600, 7200)
 
 
 class Metrics:
-    """The proxy's metric families (names fixed by SPEC §6)."""
+    """The proxy's metric families.
+
+    Names, types and labels are a contract with the alert rules and the dashboard
+    under ``deploy/`` and with the metrics table in deploy/README.md (Operations >
+    Metrics); ``tests/test_readme_ops.py`` and ``tests/test_deploy.py`` fail when they drift.
+    """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()

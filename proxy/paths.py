@@ -1,4 +1,4 @@
-"""Request-target safety checks (SPEC §4, "Path safety before matching").
+"""Request-target safety checks, before any route is matched ("Path safety" in proxy/README.md).
 
 The proxy matches a route against the client's path and then forwards that
 same path, byte for byte, to a fixed upstream with a token attached. Any

@@ -294,7 +294,7 @@ async def test_with_a_key_redis_holds_no_readable_token(store: Store) -> None:
         assert store.key_file is not None
         payload = assert_sealed(raw, slot, store.key_file)
         assert payload["t"] == JWT_LIKE and "decisions:read" in payload["s"]  # metadata is sealed too
-    else:  # what the README warns about: without a key Redis holds bearer tokens
+    else:  # what deploy/README.md warns about: without a key Redis holds bearer tokens
         assert JWT_LIKE.encode() in raw
 
 

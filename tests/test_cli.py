@@ -258,6 +258,36 @@ def test_check_config_on_an_unreadable_file_is_a_clear_error(tmp_path: Path, con
     assert result.returncode == 2 and "cannot read" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_the_emulator_command_takes_the_emulators_own_arguments() -> None:
+    """The emulator sub-parser gets proxy/emulator/cli.py's arguments only when it is the command."""
+    shown = cli("emulator", "--help")
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith("usage: credicorp-proxy emulator")
+    assert "--token-ttl SECONDS" in shown.stdout
+    refused = cli("emulator", "--client", "nosecret")
+    assert refused.returncode == 2 and "argument --client: 'nosecret': expected ID:SECRET" in refused.stderr
+    assert "--token-ttl" not in cli("--help").stdout  # the top level lists the command, not its arguments
+
+
+async def test_the_emulator_command_serves_until_sigterm() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "emulator", "--port", "0", "--client", "cc_cli:pw:decisions:read",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        first = (await asyncio.wait_for(proc.stdout.readline(), 15)).decode()
+        assert first.startswith("Credicorp emulator listening on http://127.0.0.1:")
+        url = first.rsplit(" ", 1)[1].strip()
+        async with aiohttp.ClientSession() as http:
+            async with http.get(url + "/.well-known/openid-configuration") as resp:
+                assert resp.status == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), 15)
+    assert proc.returncode == 0
+
+
 async def _healthcheck(config: Path) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "proxy", "healthcheck", "-c", str(config),

@@ -6,7 +6,7 @@ they are checked offline, as strictly as the tools allow:
 * every Kubernetes manifest against the Kubernetes JSON schemas
   (``kubernetes-validate``, strict: unknown fields fail), both as written and,
   when ``kubectl`` is present, as ``kubectl kustomize`` renders it;
-* the security invariants the README promises (locked-down securityContext,
+* the security invariants deploy/README.md promises (locked-down securityContext,
   native sidecar, secret mounted without ``subPath``, probes on the admin port);
 * the Dockerfile with ``hadolint`` at style level (warnings fail);
 * the alert rules with ``promtool check rules`` and ``promtool test rules``,

@@ -304,7 +304,7 @@ async def test_second_401_goes_back_to_the_client(
 async def test_a_401_on_a_token_minted_during_the_request_is_not_retried_even_when_it_joined_late(
     start_proxy: StartProxy, http: aiohttp.ClientSession, emulator: EmulatorServer
 ) -> None:
-    """SPEC §4: a token minted during this very request is not purged and re-minted.
+    """A token minted during this very request is not purged and re-minted (proxy/README.md, the 401 retry).
 
     The second request starts while the first one's mint POST is already on the wire,
     so the token's ``issued_at`` (stamped at the POST) is older than that request; it

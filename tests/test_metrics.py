@@ -1,4 +1,4 @@
-"""SPEC §6 metrics: each family moves for the event it counts, labels come only from config.
+"""Metrics (deploy/README.md): each family moves for the event it counts, labels come only from config.
 
 Everything is read the way Prometheus reads it: a GET of the admin listener's
 ``/metrics``, parsed with prometheus-client's own text parser.

@@ -1,4 +1,4 @@
-"""Request-target safety (SPEC §4): table of accepted and refused targets, plus generated sweeps.
+"""Request-target safety (proxy/README.md, "Path safety"): accepted and refused targets, generated sweeps.
 
 The wire-level counterpart (what aiohttp's parsers actually hand us) is test_paths_wire.py.
 """

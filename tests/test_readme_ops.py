@@ -1,4 +1,4 @@
-"""README's Operations section lists exactly the metrics the code registers.
+"""deploy/README.md's Operations section lists exactly the metrics the code registers.
 
 The metrics table under "## Operations" / "### Metrics" is parsed and compared
 with a fresh ``proxy.metrics.Metrics()`` registry, walked the way Prometheus
@@ -18,7 +18,7 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from proxy.metrics import Metrics
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parent.parent / "deploy" / "README.md"
 _CODE = re.compile(r"`([^`]+)`")
 _SUFFIX = {"counter": "_total", "info": "_info"}
 
@@ -33,7 +33,7 @@ def section(text: str, heading: str, level: int) -> str:
     """The body of the first ``heading`` at ``level``, up to the next heading of that level or higher."""
     marks = "#" * level
     match = re.search(rf"^{marks} {re.escape(heading)}[ \t]*$", text, re.MULTILINE)
-    assert match, f"README has no '{marks} {heading}' heading"
+    assert match, f"deploy/README.md has no '{marks} {heading}' heading"
     rest = text[match.end() :]
     end = re.search(rf"^#{{1,{level}}} ", rest, re.MULTILINE)
     return rest[: end.start()] if end else rest
@@ -82,8 +82,8 @@ def test_the_metrics_table_names_exactly_the_registered_families() -> None:
     documented, registered = documented_metrics(), registered_metrics()
     missing = sorted(registered.keys() - documented.keys())
     stale = sorted(documented.keys() - registered.keys())
-    assert not missing, f"metrics the code registers but README's Operations table lacks: {missing}"
-    assert not stale, f"metrics README's Operations table lists but the code does not register: {stale}"
+    assert not missing, f"metrics the code registers but deploy/README.md's Operations table lacks: {missing}"
+    assert not stale, f"metrics deploy/README.md's table lists but the code does not register: {stale}"
 
 
 def test_each_documented_metric_has_the_code_s_type_and_labels() -> None:
@@ -93,4 +93,4 @@ def test_each_documented_metric_has_the_code_s_type_and_labels() -> None:
         for name, row in registered.items()
         if name in documented and documented[name] != row
     }
-    assert not wrong, f"README's metrics table disagrees with proxy/metrics.py: {wrong}"
+    assert not wrong, f"deploy/README.md's metrics table disagrees with proxy/metrics.py: {wrong}"

@@ -143,7 +143,7 @@ async def test_cold_herd_on_three_replicas_mints_once_per_scope_set(fleet: Fleet
         payloads = [assert_sealed(value, slot, key_file) for slot, value in values.items()]
         assert sorted(" ".join(sorted(p["s"])) for p in payloads) == sorted(SCOPES)
     else:
-        assert all(b"eyJ" in value for value in values.values())  # what the README warns about
+        assert all(b"eyJ" in value for value in values.values())  # what deploy/README.md warns about
 
 
 async def test_expiry_herd_mints_once_per_scope_set(fleet: Fleet) -> None:

@@ -1,15 +1,15 @@
 """Request smuggling and bomb payloads, as raw bytes, through the real proxy to the emulator.
 
-SPEC §4: request framing comes from the proxy's own HTTP client, never from the
-client, and the smuggling and bomb payloads are tested under both of aiohttp's
-parsers. Every case here writes raw bytes to the proxy listener over a socket
-and checks one invariant: the proxy either refuses (a 400-class answer, or it
-closes the connection) or forwards exactly the request(s) the bytes honestly
-frame (RFC 9112). The emulator's request log must never show a request the
-attacker hid in a body or behind a conflicting frame, the API must never get
-the client's ``Content-Length``/``Transfer-Encoding`` (its framing is the
-proxy's own), every forwarded request carries exactly one valid token for its
-own route, and a normal request afterwards still works.
+Request framing comes from the proxy's own HTTP client, never from the client
+("Framing and bodies" in proxy/README.md); the smuggling and bomb payloads are
+tested under both of aiohttp's parsers. Every case here writes raw bytes to the
+proxy listener over a socket and checks one invariant: the proxy either refuses
+(a 400-class answer, or it closes the connection) or forwards exactly the
+request(s) the bytes honestly frame (RFC 9112). The emulator's request log must
+never show a request the attacker hid in a body or behind a conflicting frame,
+the API must never get the client's ``Content-Length``/``Transfer-Encoding``
+(its framing is the proxy's own), every forwarded request carries exactly one
+valid token for its own route, and a normal request afterwards still works.
 
 The hidden request targets ``/partner/v1/payments/...``, and this module's
 route table allows it (``payments.read``), so if the proxy ever parsed it as a

@@ -291,7 +291,7 @@ async def test_discovery_is_reread_after_an_answer_that_is_not_from_a_token_endp
     body: str,
     rereads: bool,
 ) -> None:
-    """SPEC §5 "re-read on failure": a 404 or a redirect means the endpoint may have moved."""
+    """Discovery is re-read after a failure: a 404 or a redirect means the endpoint may have moved."""
     source = make_source(issuer.issuer, session, clock)
     issuer.fail(status, body, headers={"Content-Type": "application/json" if body else "text/plain"})
     with pytest.raises(TokenUnavailable) as caught:

@@ -1,8 +1,8 @@
 """``credicorp-proxy emulator``: run the Credicorp emulator until SIGINT/SIGTERM.
 
-The main CLI (``proxy/cli.py``) calls ``add_arguments`` on its sub-parser
-and ``run`` with the parsed namespace; ``python -m proxy.emulator`` does the
-same on its own parser.
+The main CLI (``proxy/cli.py``) calls ``add_arguments`` on its sub-parser,
+only when ``emulator`` is the command, and ``run`` with the parsed namespace;
+``python -m proxy.emulator`` does the same on its own parser.
 """
 
 from __future__ import annotations

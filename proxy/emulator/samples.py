@@ -1,6 +1,6 @@
 """Sample data every fresh emulator starts with.
 
-The demo's printed curl lines and the README examples read these ids
+The demo's printed curl lines and the examples in proxy/emulator/README.md read these ids
 (``app_demo_001``, ``dec_demo_001``, ``acc_demo_001``, ...), so they must exist
 without any set-up call. Amounts are GBP.
 """

@@ -69,7 +69,7 @@ class SourceHealth:
 
 
 class TokenSource:
-    """Mints tokens from Credicorp's token endpoint, within the error policy of SPEC §5."""
+    """Mints tokens from Credicorp's token endpoint, within the error policy in proxy/README.md."""
 
     def __init__(
         self,

@@ -74,7 +74,7 @@ async def serve(port: int) -> None:
 
 
 def run_loop(coro: object) -> None:
-    """uvloop when installed, as ``proxy.commands.run_async`` does for the proxy."""
+    """uvloop when installed, as ``proxy.serve.run_async`` does for the proxy."""
     try:
         import uvloop
     except ImportError:
