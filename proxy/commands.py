@@ -14,11 +14,10 @@ import argparse
 import dataclasses
 import logging
 import os
-import re
 import sys
 
-from proxy.config import load_config, read_yaml
-from proxy.inspect_config import render_check, render_explain
+from proxy.config import load_config, read_yaml, references
+from proxy.config.inspect import render_check, render_explain
 from proxy.logs import configure_logging
 from proxy.probe import get_healthz
 from proxy.redact import mask_url
@@ -39,9 +38,6 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(settings.logging.level)
     _log_warnings(settings)
     return run_async(serve(settings))
-
-
-_ENV_REFERENCE = re.compile(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 def check_config(args: argparse.Namespace) -> int:
@@ -70,20 +66,9 @@ def _load_as_template(path: str) -> tuple[Settings, list[str]]:
     The names come from the parsed values, so a ``${VAR}`` in a YAML comment is not one.
     """
     env = dict(os.environ)
-    needed = sorted({n for n in _references(read_yaml(path)) if n not in env})
+    needed = sorted({n for n in references(read_yaml(path)) if n not in env})
     env.update({name: f"unset-{name}" for name in needed})
     return load_config(path, env, check_files=False), needed
-
-
-def _references(node: object) -> set[str]:
-    """Every ``${VAR}`` name (without a default) in the string values of a parsed YAML tree."""
-    if isinstance(node, str):
-        return set(_ENV_REFERENCE.findall(node))
-    if isinstance(node, dict):
-        return set().union(*(_references(v) for v in node.values()))
-    if isinstance(node, list):
-        return set().union(*(_references(v) for v in node))
-    return set()
 
 
 def explain(args: argparse.Namespace) -> int:

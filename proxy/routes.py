@@ -22,29 +22,26 @@ GET is (a HEAD is a GET without a body and needs the same scopes).
 
 from __future__ import annotations
 
-import difflib
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from enum import IntEnum
-from typing import Any, Final
+from typing import Final
 
-from proxy.scopes import HIGH_RISK_SCOPES, KNOWN_AUDIENCES, KNOWN_SCOPES, PARTNER_SCOPES, WRITE_SCOPES
 from proxy.settings import RouteSpec
 
 __all__ = [
+    "ANY_METHOD",
     "HTTP_METHODS",
+    "READ_METHODS",
     "Explanation",
     "Pattern",
     "RouteTable",
     "Seg",
     "accepts_method",
-    "did_you_mean",
     "parse_pattern",
-    "parse_routes",
     "pattern_covers",
     "shadowed_routes",
-    "show",
 ]
 
 ANY_METHOD: Final = "*"
@@ -299,201 +296,3 @@ def shadowed_routes(routes: Sequence[RouteSpec]) -> list[tuple[int, int]]:
                 found.append((j, i))
                 break
     return found
-
-
-# ----------------------------------------------------- route table schema
-ROUTE_KEYS: Final = ("name", "methods", "path", "scopes", "audience", "prefetch", "allow_write_scope_on_read")
-_ROUTE_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}")
-
-
-class _Findings:
-    """Problems (fatal) and warnings of one route table, one problem per key path."""
-
-    def __init__(self) -> None:
-        self.problems: list[str] = []
-        self.warnings: list[str] = []
-
-    def problem(self, where: str, message: str) -> None:
-        self.problems.append(f"{where}: {message}")
-
-
-def show(value: object) -> str:
-    """A value as it appears in a problem message: strings double-quoted, like the YAML."""
-    return '"' + value.replace('"', '\\"') + '"' if isinstance(value, str) else repr(value)
-
-
-_TRUE: Final = frozenset({"true", "1", "yes", "on"})
-_FALSE: Final = frozenset({"false", "0", "no", "off"})
-
-
-def parse_bool(value: object) -> bool:
-    """A YAML boolean, or its text from ``${VAR}`` or a ``CCP_`` variable.
-
-    Text accepted: true/false, 1/0, yes/no, on/off, in any case.
-    """
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-        return value.strip().lower() in _TRUE
-    raise ValueError(f"expected true or false, got {show(value)}")
-
-
-def did_you_mean(word: str, choices: Iterable[str]) -> str:
-    """A difflib suggestion for a misspelt key, method or scope ("" when nothing is close)."""
-    close = difflib.get_close_matches(word, sorted(choices), n=1, cutoff=0.6)
-    return f' (did you mean "{close[0]}"?)' if close else ""
-
-
-def parse_routes(raw: Any, default_audience: str) -> tuple[tuple[RouteSpec, ...], list[str], list[str]]:
-    """The ``routes:`` list -> (routes, problems, warnings); pure, every problem named by key path.
-
-    Routes without an ``audience`` get ``default_audience`` (``auth.audience``).
-    """
-    found = _Findings()
-    if raw is None:
-        found.problem("routes", "required: the route table (deny by default refuses every other request)")
-    elif not isinstance(raw, list):
-        found.problem("routes", f"expected a list of routes, got {show(raw)}")
-    elif not raw:
-        found.problem("routes", "the route table is empty: every request would be refused")
-    else:
-        parsed = [_parse_route(entry, i, default_audience, found) for i, entry in enumerate(raw)]
-        routes = tuple(r for r in parsed if r is not None)
-        _check_table(routes, found)
-        return routes, found.problems, found.warnings
-    return (), found.problems, found.warnings
-
-
-def _parse_route(raw: Any, i: int, default_audience: str, found: _Findings) -> RouteSpec | None:
-    where = f"routes[{i}]"
-    if not isinstance(raw, Mapping):
-        found.problem(where, f"expected a mapping with methods, path and scopes, got {show(raw)}")
-        return None
-    for key in raw:
-        if key not in ROUTE_KEYS:
-            found.problem(f"{where}.{key}", "unknown key" + did_you_mean(str(key), ROUTE_KEYS))
-    methods = _methods(raw.get("methods"), f"{where}.methods", found)
-    path = _path(raw.get("path"), f"{where}.path", found)
-    scopes = _scopes(raw.get("scopes"), f"{where}.scopes", found)
-    audience = _choice(raw.get("audience", default_audience), KNOWN_AUDIENCES, f"{where}.audience", found)
-    name = raw.get("name", "")
-    if not isinstance(name, str) or (name and not _ROUTE_NAME.fullmatch(name)):
-        found.problem(
-            f"{where}.name", f"expected a label matching [A-Za-z0-9][A-Za-z0-9_.:-]*, got {show(name)}"
-        )
-    flags = {key: _flag(raw.get(key, False), f"{where}.{key}", found) for key in ROUTE_KEYS[-2:]}
-    if methods is None or path is None or scopes is None or audience is None:
-        return None
-    _check_scopes_for_methods(methods, scopes, flags["allow_write_scope_on_read"], where, found)
-    unique = tuple(sorted(set(scopes)))
-    return RouteSpec(methods, path, unique, audience, str(name), flags["prefetch"], index=i)
-
-
-def _methods(raw: Any, where: str, found: _Findings) -> frozenset[str] | None:
-    if not isinstance(raw, list) or not raw:
-        found.problem(where, 'required: a non-empty list of HTTP methods, e.g. [GET] or ["*"] for any')
-        return None
-    ok = len(found.problems)
-    for j, method in enumerate(raw):
-        upper = method.upper() if isinstance(method, str) else method
-        if upper in ("CONNECT", "TRACE", "TRACK"):
-            found.problem(f"{where}[{j}]", f"{upper} is never proxied")
-        elif upper == ANY_METHOD and len(raw) > 1:
-            found.problem(f"{where}[{j}]", '"*" (any method) must be the only method')
-        elif upper != ANY_METHOD and upper not in HTTP_METHODS:
-            hint = did_you_mean(str(upper), HTTP_METHODS)
-            found.problem(f"{where}[{j}]", f"unknown HTTP method {show(method)}{hint}")
-    return frozenset(m.upper() for m in raw) if len(found.problems) == ok else None
-
-
-def _path(raw: Any, where: str, found: _Findings) -> str | None:
-    if not isinstance(raw, str):
-        found.problem(
-            where, f"required: a path pattern such as /partner/v1/decisions/{{id}}, got {show(raw)}"
-        )
-        return None
-    try:
-        parse_pattern(raw)
-    except ValueError as exc:
-        found.problem(where, f"invalid pattern {show(raw)}: {exc}")
-        return None
-    return raw
-
-
-def _scopes(raw: Any, where: str, found: _Findings) -> list[str] | None:
-    if not isinstance(raw, list) or not raw:
-        found.problem(where, "required: a non-empty list of scopes, e.g. [decisions:read]")
-        return None
-    ok = len(found.problems)
-    for j, scope in enumerate(raw):
-        if not isinstance(scope, str) or scope not in KNOWN_SCOPES:
-            hint = " (one scope per list item)" if isinstance(scope, str) and " " in scope.strip() else ""
-            hint = hint or did_you_mean(str(scope), PARTNER_SCOPES)
-            found.problem(f"{where}[{j}]", f"unknown scope {show(scope)}{hint}")
-        elif scope not in PARTNER_SCOPES:
-            found.problem(
-                f"{where}[{j}]", f"{show(scope)} is an OpenID Connect sign-in scope, not an API scope"
-            )
-    return list(raw) if len(found.problems) == ok else None
-
-
-def _choice(raw: Any, choices: frozenset[str], where: str, found: _Findings) -> str | None:
-    if raw in choices:
-        return str(raw)
-    found.problem(where, f"expected one of {', '.join(sorted(choices))}, got {show(raw)}")
-    return None
-
-
-def _flag(raw: Any, where: str, found: _Findings) -> bool:
-    try:
-        return parse_bool(raw)  # interpolated ``${VAR}`` values arrive as text
-    except ValueError as exc:
-        found.problem(where, str(exc))
-        return False
-
-
-def _check_scopes_for_methods(
-    methods: frozenset[str], scopes: list[str], allow_write: bool, where: str, found: _Findings
-) -> None:
-    """A read-only route asking for a write scope that has a read twin is over-broad: an error.
-
-    ``webhooks:manage`` and ``partner:manage`` have no read twin (they are the
-    only scopes that read those resources), so they are allowed on GET routes.
-    """
-    read_only = ANY_METHOD not in methods and methods <= READ_METHODS
-    for j, scope in enumerate(scopes):
-        twin = scope.split(":")[0] + ":read"
-        if read_only and not allow_write and scope in WRITE_SCOPES and twin in KNOWN_SCOPES:
-            found.problem(
-                f"{where}.scopes[{j}]",
-                f"write scope {show(scope)} on a read-only route ({','.join(sorted(methods))}): "
-                f"use {show(twin)}, or set allow_write_scope_on_read: true",
-            )
-    if len(risky := sorted(set(scopes) & HIGH_RISK_SCOPES)) > 1:
-        found.warnings.append(
-            f"{where}.scopes: {len(risky)} high-risk scopes on one route ({', '.join(risky)}): "
-            "a leaked token could do all of it; split the route"
-        )
-
-
-def _check_table(routes: tuple[RouteSpec, ...], found: _Findings) -> None:
-    """Cross-route rules: unique names (they label metrics), shadowing, catch-all patterns."""
-    names: dict[str, int] = {}
-    for route in routes:
-        if route.name and route.name in names:
-            found.problem(
-                f"routes[{route.index}].name",
-                f"duplicate name {show(route.name)} (also routes[{names[route.name]}])",
-            )
-        names.setdefault(route.name, route.index)
-        parts = parse_pattern(route.path).parts
-        if any(kind is Seg.REST and pos <= 2 for pos, (kind, _) in enumerate(parts)):
-            found.warnings.append(
-                f"routes[{route.index}].path: {show(route.path)} covers the whole API (over-broad): "
-                "list the resources the application uses"
-            )
-    for later, earlier in shadowed_routes(routes):
-        found.warnings.append(
-            f"routes[{routes[later].index}] is shadowed by routes[{routes[earlier].index}] "
-            f"({routes[earlier].label}): it can never match"
-        )

@@ -1,7 +1,10 @@
 """Typed, immutable settings: what ``proxy.config`` produces from YAML + environment.
 
 Everything downstream takes these values, never raw dicts, so a setting is
-validated once, at start, and cannot change under a running request.
+validated once, at start, and cannot change under a running request. A field's
+type and default here are its config key's; the rest of the key (its check,
+env name, doc line) is its declaration in ``proxy/config/keys.py``, which must
+exist for every field (``proxy.config`` does not import otherwise).
 """
 
 from __future__ import annotations

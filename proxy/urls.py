@@ -4,7 +4,7 @@ One rule, in one place: a URL the operator configures (``upstream.url``,
 ``auth.issuer``, ``auth.token_endpoint``) and a URL the issuer's discovery
 document names (``token_endpoint``, ``jwks_uri``) must both pass it, so a
 document can never point the proxy somewhere a config file could not. It lives
-outside ``proxy.config_values`` because the token layer needs it at run time
+outside ``proxy.config`` because the token layer needs it at run time
 and has no business importing the config loader.
 
 Each failure carries a short ``rule`` label (for a log field) besides the
@@ -21,7 +21,7 @@ from typing import Final
 from urllib.parse import urlsplit
 
 from proxy.redact import mask_url
-from proxy.routes import show
+from proxy.wording import show
 
 #: A DNS host name in ASCII: labels of letters, digits and inner hyphens, an optional final dot.
 HOSTNAME: Final = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")

@@ -12,7 +12,10 @@ import pytest
 import yaml
 
 from proxy.config import load_config, parse_config
-from proxy.config_env import SECTIONS, env_variables
+from proxy.config.env import env_variables, interpolate, references
+from proxy.config.keys import SECTIONS
+from proxy.config.report import Report
+from proxy.config.routes import parse_routes
 from proxy.emulator.api import API_ROUTES
 from proxy.errors import ConfigError
 from proxy.settings import ListenAddress, Settings
@@ -304,6 +307,32 @@ def test_route_audience_overrides_the_default() -> None:
     assert [r.audience for r in parse(raw).routes] == ["internal/v1", "public/v1"]
 
 
+def test_parse_routes_normalises_methods_and_scopes() -> None:
+    raw = [{"methods": ["get", "Head"], "path": "/a", "scopes": ["decisions:read", "applications:read"] * 2}]
+    report = Report()
+    routes = parse_routes(raw, "partner/v1", report)
+    assert report.problems == [] and report.warnings == []
+    assert routes[0].methods == frozenset({"GET", "HEAD"})
+    assert routes[0].scopes == ("applications:read", "decisions:read")
+    assert routes[0].audience == "partner/v1" and routes[0].name == "" and routes[0].index == 0
+    assert routes[0].label == "GET,HEAD /a"
+
+
+def test_parse_routes_keeps_the_table_index_of_each_route() -> None:
+    raw = [{"methods": ["GET"], "path": f"/r{i}", "scopes": ["decisions:read"]} for i in range(3)]
+    routes = parse_routes(raw, "internal/v1", Report())
+    assert [r.index for r in routes] == [0, 1, 2]
+    assert {r.audience for r in routes} == {"internal/v1"}
+
+
+def test_a_route_with_a_problem_already_reported_at_its_path_is_still_left_out() -> None:
+    """The report keeps one problem per path; the entry is dropped all the same, so the table rules
+    (here: unique names) never judge a route that is already wrong."""
+    raw = minimal()
+    raw["routes"].append(route(name="decisions.get", path="/partner/v1/decisions", scopes=["${SCOPE}"]))
+    assert problems(raw) == ["routes[1].scopes[0]: environment variable SCOPE is not set"]
+
+
 # ----------------------------------------------------------------- warnings
 def test_shadowed_route_is_a_warning() -> None:
     raw = minimal()
@@ -377,6 +406,31 @@ def test_double_dollar_escapes_and_malformed_references_are_reported() -> None:
 def test_keys_overridden_from_the_environment_are_not_interpolated() -> None:
     raw = with_key(minimal(), "auth.client_id", "${CC_CLIENT_ID}")
     assert parse(raw, {"CCP_AUTH_CLIENT_ID": "cc_client_env"}).auth.client_id == "cc_client_env"
+
+
+@pytest.mark.parametrize(
+    ("text", "names"),
+    [
+        ("${A}", {"A"}),
+        ("x-${A}-${B_2}", {"A", "B_2"}),
+        ("$${A}", set()),  # a literal ${A}
+        ("$$${A}", set()),
+        ("${A:-default}", set()),
+        ("${A:-}", set()),
+        ("${1A} ${A", set()),  # malformed: interpolation reports them
+    ],
+)
+def test_references_are_the_variables_without_a_default(text: str, names: set[str]) -> None:
+    tree = {"auth": {"client_id": text}, "routes": [{"scopes": [text]}], "n": 5}
+    assert references(tree) == names
+
+
+def test_references_name_exactly_what_interpolation_finds_unset() -> None:
+    tree = {"a": "${A}", "b": "$${B}", "c": "${C:-c}", "d": ["x${D}y"], "e": "${1E}"}
+    report = Report()
+    interpolate(tree, {}, "", report, skip=set())
+    unset = {p.split(" ")[-4] for p in report.problems if p.endswith(" is not set")}
+    assert unset == references(tree) == {"A", "D"}
 
 
 # --------------------------------------------------------- env overrides
@@ -628,14 +682,14 @@ def test_shipped_table_covers_exactly_the_emulated_partner_api() -> None:
     ],
 )
 def test_list_keys_take_a_yaml_list_or_comma_separated_text(value: Any, expected: tuple[str, ...]) -> None:
-    from proxy.config_values import coerce
+    from proxy.config.values import coerce
 
     assert coerce(value, tuple[str, ...]) == expected
 
 
 @pytest.mark.parametrize("value", [["a", 1], 3, {"a": 1}])
 def test_list_keys_refuse_anything_but_strings(value: Any) -> None:
-    from proxy.config_values import coerce
+    from proxy.config.values import coerce
 
     with pytest.raises(ValueError, match="expected a list of strings"):
         coerce(value, tuple[str, ...])

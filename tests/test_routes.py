@@ -1,4 +1,4 @@
-"""proxy.routes: pattern grammar, trie matcher, explanations, shadowing, route-entry schema."""
+"""proxy.routes: pattern grammar, trie matcher, explanations, shadowing."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from proxy.routes import (
     Seg,
     accepts_method,
     parse_pattern,
-    parse_routes,
     pattern_covers,
     shadowed_routes,
 )
@@ -298,21 +297,3 @@ def test_routes_that_differ_in_methods_or_come_wider_later_are_not_shadowed() ->
         route("GET", "/r"),
     ]
     assert shadowed_routes(routes) == []
-
-
-# ------------------------------------------------------------ route schema
-def test_parse_routes_normalises_methods_and_scopes() -> None:
-    raw = [{"methods": ["get", "Head"], "path": "/a", "scopes": ["decisions:read", "applications:read"] * 2}]
-    routes, problems, warnings = parse_routes(raw, "partner/v1")
-    assert problems == [] and warnings == []
-    assert routes[0].methods == frozenset({"GET", "HEAD"})
-    assert routes[0].scopes == ("applications:read", "decisions:read")
-    assert routes[0].audience == "partner/v1" and routes[0].name == "" and routes[0].index == 0
-    assert routes[0].label == "GET,HEAD /a"
-
-
-def test_parse_routes_keeps_the_table_index_of_each_route() -> None:
-    raw = [{"methods": ["GET"], "path": f"/r{i}", "scopes": ["decisions:read"]} for i in range(3)]
-    routes, _, _ = parse_routes(raw, "internal/v1")
-    assert [r.index for r in routes] == [0, 1, 2]
-    assert {r.audience for r in routes} == {"internal/v1"}

@@ -35,10 +35,10 @@ from urllib.parse import urlsplit
 
 import yarl
 
-from proxy.routes import show
 from proxy.settings import AuthSettings
 from proxy.tokens.backoff import EndpointFailure, ErrorClass
 from proxy.urls import HOSTNAME, url_problem
+from proxy.wording import show
 
 #: The ``ccp_token_endpoint_errors_total`` label and the /readyz ``detail`` of a refused document.
 UNTRUSTED: Final = "discovery_untrusted"

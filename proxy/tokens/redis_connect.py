@@ -21,7 +21,6 @@ import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
@@ -29,6 +28,8 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisClusterException, RedisError
+
+from proxy.config.cache_url import CacheUrl, parse_cache_url
 
 #: What a failing Redis call raises, whatever the topology: each is counted and degrades.
 REDIS_ERRORS = (RedisError, RedisClusterException, OSError, TimeoutError)
@@ -55,48 +56,28 @@ def _client_options(timeout_s: float) -> dict[str, Any]:
     }
 
 
-def _split_netloc(netloc: str) -> tuple[dict[str, Any], list[tuple[str, int]]]:
-    """``[user[:password]@]host:port[,host:port...]`` -> (auth kwargs, hosts)."""
-    auth: dict[str, Any] = {}
-    if "@" in netloc:
-        userinfo, _, netloc = netloc.rpartition("@")
-        user, _, password = userinfo.partition(":")
-        auth = {"username": unquote(user) or None, "password": unquote(password) or None}
-    hosts = []
-    for item in netloc.split(","):
-        host, _, port = item.strip().rpartition(":")
-        if not host or not port.isdigit():
-            raise ValueError(f"cache.url: expected host:port, got {item!r}")
-        hosts.append((host.strip("[]"), int(port)))
-    return auth, hosts
-
-
-def _sentinel(url: str, options: dict[str, Any]) -> Connection:
+def _sentinel(url: CacheUrl, options: dict[str, Any]) -> Connection:
     """``redis+sentinel://[auth@]h:p[,h:p]/service[/db]``: the current master, re-resolved on failover."""
-    parts = urlsplit(url)
-    auth, hosts = _split_netloc(parts.netloc)
-    path = [p for p in parts.path.split("/") if p]
-    if not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
-        raise ValueError("cache.url: redis+sentinel://host:port[,host:port]/service_name[/db]")
+    auth = {"username": url.username, "password": url.password}
     sentinel_options = {k: v for k, v in options.items() if k != "health_check_interval"}
-    sentinel = Sentinel(hosts, sentinel_kwargs=sentinel_options, **options, **auth)  # type: ignore[no-untyped-call]
-    client: Redis = sentinel.master_for(path[0], db=int(path[1]) if len(path) == 2 else 0)
+    sentinel = Sentinel(url.nodes(), sentinel_kwargs=sentinel_options, **options, **auth)  # type: ignore[no-untyped-call]
+    client: Redis = sentinel.master_for(str(url.service), db=url.db or 0)
     return Connection(client, (client.aclose, *(s.aclose for s in sentinel.sentinels)))
 
 
-def _cluster(url: str, options: dict[str, Any]) -> Connection:
+def _cluster(url: CacheUrl, options: dict[str, Any]) -> Connection:
     """``redis+cluster://[auth@]h:p[,h:p]`` (``rediss+cluster`` for TLS): any node bootstraps the map."""
-    scheme = url.partition("://")[0].lower()
-    auth, hosts = _split_netloc(urlsplit(url).netloc)
     tls: dict[str, Any] = {}
-    if scheme.startswith("rediss"):
+    if url.tls:
         tls = {"ssl": True, "ssl_cert_reqs": "required", "ssl_check_hostname": True}
-    client = RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in hosts], **options, **auth, **tls)
+    nodes = [ClusterNode(host, port) for host, port in url.nodes()]
+    client = RedisCluster(
+        startup_nodes=nodes, username=url.username, password=url.password, **options, **tls
+    )
     return Connection(client, (client.aclose,))
 
 
-def _standalone(url: str, options: dict[str, Any]) -> Connection:
-    tls = url.lower().startswith("rediss://")
+def _standalone(url: str, tls: bool, options: dict[str, Any]) -> Connection:
     extra: dict[str, Any] = {"ssl_cert_reqs": "required", "ssl_check_hostname": True} if tls else {}
     client = Redis.from_url(url, **options, **extra)
     kwargs = client.connection_pool.connection_kwargs
@@ -109,13 +90,20 @@ def _standalone(url: str, options: dict[str, Any]) -> Connection:
 
 
 def connect(url: str, timeout_s: float) -> Connection:
-    """A client for ``cache.url``; connects lazily, so a Redis that is down does not stop start-up."""
-    scheme = url.partition("://")[0].lower()
+    """A client for ``cache.url``; connects lazily, so a Redis that is down does not stop start-up.
+
+    The URL is read by ``parse_cache_url``, the parser config validation uses; the
+    standalone forms then go to redis-py whole, so their query options reach the client.
+    """
+    try:
+        parsed = parse_cache_url(url)
+    except ValueError as exc:
+        raise ValueError(f"cache.url: {exc}") from None
     options = _client_options(timeout_s)
-    if scheme == "redis+sentinel":
-        return _sentinel(url, options)
-    if scheme in ("redis+cluster", "rediss+cluster"):
-        return _cluster(url, options)
-    if scheme in ("redis", "rediss", "unix"):
-        return _standalone(url, options)
-    raise ValueError(f"cache.url: unsupported scheme {scheme!r}")
+    if parsed.topology == "sentinel":
+        return _sentinel(parsed, options)
+    if parsed.topology == "cluster":
+        return _cluster(parsed, options)
+    if parsed.topology == "standalone":
+        return _standalone(url, parsed.tls, options)
+    raise ValueError(f"cache.url: unsupported scheme {parsed.scheme!r}")

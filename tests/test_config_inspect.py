@@ -1,4 +1,4 @@
-"""proxy.inspect_config: the check-config report and the explain answer (text and exit code)."""
+"""proxy.config.inspect: the check-config report and the explain answer (text and exit code)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from proxy.config import load_config, parse_config
-from proxy.inspect_config import EXIT_DENIED, EXIT_MATCHED, EXIT_UNSAFE, render_check, render_explain
+from proxy.config.inspect import EXIT_DENIED, EXIT_MATCHED, EXIT_UNSAFE, render_check, render_explain
 from proxy.settings import Settings
 
 DEMO = Path(__file__).resolve().parent.parent / "config" / "demo.yaml"

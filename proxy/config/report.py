@@ -1,8 +1,10 @@
 """How configuration problems are collected and named: the ``Report`` and key paths.
 
-Shared by every config module (loading, environment, value checks) so that
-each problem names the key path an operator edits (``auth.issuer``,
-``routes[3].scopes[0]``) and at most one problem is kept per path.
+The one collector of a config's problems and warnings: the environment, each
+key's check, the rules across keys and the route table all record into the
+same ``Report``, so each problem names the key path an operator edits
+(``auth.issuer``, ``routes[3].scopes[0]``), at most one problem is kept per
+path, and every warning is masked the same way.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from proxy.redact import mask_secrets_in
-from proxy.routes import did_you_mean
+from proxy.wording import did_you_mean
 
 
 class Report:
@@ -28,9 +30,12 @@ class Report:
             self._bad.add(where)
             self.problems.append(f"{where}: {message}")
 
-    def warn(self, where: str, message: str) -> None:
-        """Warnings are printed by check-config and logged at start: masked like problems."""
-        self.warnings.append(mask_secrets_in(f"{where}: {message}"))
+    def warn(self, where: str, message: str, *, sep: str = ": ") -> None:
+        """Warnings are printed by check-config and logged at start: masked like problems.
+
+        ``sep=" "`` makes the key path the subject of a sentence (``routes[5] is shadowed ...``).
+        """
+        self.warnings.append(mask_secrets_in(f"{where}{sep}{message}"))
 
 
 def key_path(parent: str, key: str | int) -> str:

@@ -1,40 +1,28 @@
 """What the environment contributes to the config: ``${VAR}`` interpolation and ``CCP_*`` overrides.
 
 Precedence, per scalar key: ``CCP_<SECTION>_<KEY>`` (``CCP_<KEY>`` at top
-level) > the YAML file > the dataclass default in ``proxy.settings``. The env
-names are derived from the settings dataclasses in ``SECTIONS``, so a new
-field gets one too.
+level) > the YAML file > the settings field's default. The names come from the
+key declarations (``proxy.config.keys``), so a new key gets one too.
+
+``${VAR}`` has one grammar, read here by one pattern: ``${VAR}``,
+``${VAR:-default}`` (the default when unset or empty) and ``$${`` for a literal
+``${``. Both the interpolation and the template mode of ``check-config``
+(``references``: which variables must be set where the proxy runs) use it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Final
 
-from proxy.config_report import Report, key_path
-from proxy.routes import did_you_mean, show
-from proxy.settings import (
-    AuthSettings,
-    CacheSettings,
-    LimitSettings,
-    LogSettings,
-    RefreshSettings,
-    UpstreamSettings,
-)
+from proxy.config.keys import ENV_PREFIX, ROUTES_FILE, SCALARS
+from proxy.config.report import Report, key_path
+from proxy.wording import did_you_mean, show
 
-ENV_PREFIX: Final = "CCP_"
-SECTIONS: Final[dict[str, type]] = {
-    "upstream": UpstreamSettings,
-    "auth": AuthSettings,
-    "cache": CacheSettings,
-    "refresh": RefreshSettings,
-    "logging": LogSettings,
-    "limits": LimitSettings,
-}
-TOP_SCALARS: Final = ("listen", "admin_listen", "shutdown_grace_s", "reuse_port")
-ROUTES_FILE_ENV: Final = "CCP_ROUTES_FILE"
+__all__ = ["ROUTES_FILE_ENV", "env_overrides", "env_variables", "interpolate", "references"]
+
+ROUTES_FILE_ENV: Final = ROUTES_FILE.env
 #: CCP_ variables that are not config keys but are still ours (no "unknown variable" warning).
 OTHER_ENV: Final = frozenset({ROUTES_FILE_ENV, "CCP_CONFIG"})
 
@@ -77,14 +65,37 @@ def _substitute(m: re.Match[str], env: Mapping[str, str], where: str, report: Re
     return value
 
 
+def references(value: Any) -> set[str]:
+    """Every variable a parsed YAML tree's string values name without a default (``${VAR}``).
+
+    Values only: a ``${VAR}`` in a YAML comment is not one. ``$${VAR}`` is literal text,
+    and a malformed reference names nothing (interpolation reports it).
+    """
+    return {name for text in _strings(value) for name in _required(text)}
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+
+
+def _required(text: str) -> Iterator[str]:
+    for m in _REFERENCE.finditer(text):
+        body = _BODY.fullmatch(m.group("body") or "") if m.group(0) != "$${" else None
+        if body is not None and body["default"] is None:
+            yield body["name"]
+
+
 # --------------------------------------------------------- env overrides
 def env_variables() -> dict[str, str]:
     """Every ``CCP_*`` override -> the key path it sets (``CCP_AUTH_METHOD`` -> ``auth.method``)."""
-    names = {f"{ENV_PREFIX}{k.upper()}": k for k in TOP_SCALARS}
-    for section, cls in SECTIONS.items():
-        for f in dataclasses.fields(cls):
-            names[f"{ENV_PREFIX}{section.upper()}_{f.name.upper()}"] = f"{section}.{f.name}"
-    return names
+    return {key.env: key.path for key in SCALARS if key.from_env}
 
 
 def env_overrides(env: Mapping[str, str], report: Report) -> dict[str, tuple[Any, str]]:
