@@ -26,7 +26,7 @@ from proxy.listener import AcceptErrorLog, BoundedAppRunner, Listener, connectio
 from proxy.metrics import Metrics
 from proxy.routes import RouteTable
 from proxy.settings import ListenAddress, Settings
-from proxy.tokens.cache import TokenCache
+from proxy.tokens.cache import SharedTokenCache
 from proxy.tokens.credentials import CredentialProvider
 from proxy.tokens.manager import TokenManager
 from proxy.tokens.redis_trust import SharedTokenTrust
@@ -68,8 +68,13 @@ def _client_session(
     )
 
 
-def open_shared_cache(settings: Settings, clock: Clock, metrics: Metrics) -> TokenCache | None:
-    """The shared (Redis) tier named by ``cache.url``, or None for ``memory://``."""
+def open_shared_cache(settings: Settings, clock: Clock, metrics: Metrics) -> SharedTokenCache | None:
+    """The shared (Redis) tier named by ``cache.url``, or None for ``memory://``.
+
+    Typed as the protocol, not the class: the rest of the product reaches the shared
+    tier only through ``SharedTokenCache``, and this return is where mypy checks that
+    ``RedisTokenCache`` implements it.
+    """
     if settings.cache.url.startswith("memory://"):
         return None
     from proxy.tokens.redis_cache import RedisTokenCache  # only when configured

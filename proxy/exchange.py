@@ -104,7 +104,7 @@ class _RequestIds:
 _IDS = _RequestIds()
 
 
-def request_id(request: web.Request) -> str:
+def request_id(request: web.BaseRequest) -> str:
     """The client's ``X-Request-Id`` when it is a sane one, else a new id."""
     supplied = request.headers.get("X-Request-Id")
     return supplied if supplied and _REQUEST_ID.fullmatch(supplied) else _IDS.next()

@@ -71,7 +71,9 @@ class Forwarder:
         self._recorder = Recorder(metrics, access_log_enabled=access_log_enabled)
         self._in_flight = metrics.in_flight
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        """The proxy listener's handler. A ``BaseRequest``: the listener is aiohttp's low-level
+        ``web.Server``, which has no app or router and builds no ``web.Request``."""
         ex = Exchange(request_id(request), request.method if request.method in METHODS else "OTHER")
         self._in_flight.inc()
         # Token events logged by a mint this request starts carry its id (tasks copy the context).
@@ -99,7 +101,7 @@ class Forwarder:
         self._recorder.record(ex)
         return response
 
-    async def _proxy(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
+    async def _proxy(self, request: web.BaseRequest, ex: Exchange) -> web.StreamResponse:
         target = validate_target(request.method, request.raw_path)
         _check_transfer_coding(request)
         route = self._table.match(request.method, target.segments)
@@ -224,7 +226,7 @@ def _invalid_token(upstream: aiohttp.ClientResponse) -> bool:
     return match is None or match.group(1) == "invalid_token"
 
 
-async def _answer_expectation(request: web.Request) -> None:
+async def _answer_expectation(request: web.BaseRequest) -> None:
     """``Expect: 100-continue`` gets its interim answer once the request passed our own checks.
 
     aiohttp's low-level server never sends it, so a client that waits for it
@@ -243,7 +245,7 @@ async def _answer_expectation(request: web.Request) -> None:
         request.writer.output_size = 0  # the interim answer is not part of the response
 
 
-def _check_transfer_coding(request: web.Request) -> None:
+def _check_transfer_coding(request: web.BaseRequest) -> None:
     """Only ``chunked`` framing is understood; any other transfer coding is refused, not dropped.
 
     aiohttp's parser de-chunks ``gzip, chunked`` and would silently lose the gzip

@@ -46,9 +46,10 @@ import resource
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, Final, cast
+from typing import Any, Final, TypedDict, cast
 
 from aiohttp import hdrs, web
+from aiohttp.helpers import BaseTimerContext
 from aiohttp.http import HttpRequestParser, HttpVersion10, HttpVersion11, RawRequestMessage
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import MAX_MSG_QUEUE_SIZE, RequestHandler, RequestPayloadError, _ErrInfo
@@ -121,7 +122,7 @@ class Listener:
         self.limits = limits
         self.cap = cap
         self.open = 0
-        self.turning_away: set[asyncio.BaseTransport] = set()
+        self.turning_away: set[asyncio.Transport] = set()
         self._hits = {limit: metrics.limit_hits.labels(name, limit) for limit in LIMITS}
         self._open_gauge = metrics.open_connections.labels(name)
         self._open_gauge.set(0)
@@ -260,7 +261,7 @@ class BoundedAppRunner(web.AppRunner):
 
 
 # ------------------------------------------------------------- one connection
-class _BodyWait:
+class _BodyWait(BaseTimerContext):
     """The parser's read timer: it runs only while a handler waits for body bytes.
 
     aiohttp enters it around every wait on a request body's ``StreamReader``,
@@ -293,6 +294,14 @@ class _BodyWait:
         """Part of aiohttp's timer interface; a body timeout acts on the stream instead of raising here."""
 
 
+class _ParserLimits(TypedDict):
+    """The head bounds handed to aiohttp's parser (typed, so both constructors are checked)."""
+
+    max_line_size: int
+    max_field_size: int
+    max_headers: int
+
+
 class BoundedConnection(RequestHandler):
     """aiohttp's ``RequestHandler`` with the bounds of ``LimitSettings`` on the bytes as they arrive."""
 
@@ -318,7 +327,7 @@ class BoundedConnection(RequestHandler):
 
     def __init__(self, manager: BoundedServer, *, loop: asyncio.AbstractEventLoop, **kwargs: Any) -> None:
         limits = manager.listener.limits
-        parser_limits = {
+        parser_limits: _ParserLimits = {
             "max_line_size": limits.max_header_bytes,
             "max_field_size": limits.max_header_bytes,
             "max_headers": limits.max_headers + _PARSER_HEADER_SLACK,

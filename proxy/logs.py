@@ -218,7 +218,7 @@ def configure_logging(level: str | int = "info", stream: TextIO | None = None) -
     """
     # No caller, thread or process lookups per record (the logging HOWTO's "Optimization"):
     # the JSON line never shows them, and the access log writes one record per request.
-    logging._srcfile = None  # type: ignore[attr-defined]
+    logging._srcfile = None
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False

@@ -195,13 +195,13 @@ class OutboundPreparer:
         self._limit = settings.max_body_bytes
         self._kept = kept
 
-    def check_declared_length(self, request: web.Request) -> None:
+    def check_declared_length(self, request: web.BaseRequest) -> None:
         """A body declared over ``max_body_bytes`` is refused before any of it is read."""
         if self._limit is not None and (request.content_length or 0) > self._limit:
             raise _too_large(self._limit)
 
     async def prepare(
-        self, request: web.Request, target: SafeTarget, route: RouteSpec, request_id: str
+        self, request: web.BaseRequest, target: SafeTarget, route: RouteSpec, request_id: str
     ) -> OutboundRequest:
         """The request to send, its body read or ready to stream; a failure gives its budget share back."""
         headers = upstream_request_headers(request.headers, drop=self._drop)
@@ -219,7 +219,7 @@ class OutboundPreparer:
                 raise
         return outbound
 
-    async def _body(self, request: web.Request, outbound: OutboundRequest) -> bytes | StreamedBody:
+    async def _body(self, request: web.BaseRequest, outbound: OutboundRequest) -> bytes | StreamedBody:
         """The body kept whole, so a 401 retry can resend it, or streamed.
 
         Bodies up to ``retry_body_limit`` are read into memory while the kept-body
@@ -251,12 +251,12 @@ class OutboundPreparer:
                 break
         return self._stream(request, bytes(head), outbound)
 
-    def _stream(self, request: web.Request, head: bytes, outbound: OutboundRequest) -> StreamedBody:
+    def _stream(self, request: web.BaseRequest, head: bytes, outbound: OutboundRequest) -> StreamedBody:
         """``head``, then the rest; the head's budget share goes back once the head is handed on."""
         return StreamedBody(request.content, head, self._limit, partial(self._kept.release, outbound))
 
 
-async def _read_all(request: web.Request, length: int) -> bytes:
+async def _read_all(request: web.BaseRequest, length: int) -> bytes:
     """Exactly the declared body, from the stream.
 
     Not ``request.read()``: that enforces aiohttp's own 1 MiB

@@ -33,7 +33,7 @@ class Relay:
         self._buffer_bytes = response_buffer_bytes
 
     async def relay(
-        self, request: web.Request, upstream: aiohttp.ClientResponse, ex: Exchange
+        self, request: web.BaseRequest, upstream: aiohttp.ClientResponse, ex: Exchange
     ) -> web.StreamResponse:
         """Relay the API's answer byte for byte; reset the client on a broken upstream body."""
         if foreign_transfer_coding(upstream.headers):
@@ -60,7 +60,7 @@ class Relay:
             upstream.close() if ex.error else upstream.release()
         return response
 
-    def _can_buffer(self, request: web.Request, upstream: aiohttp.ClientResponse) -> bool:
+    def _can_buffer(self, request: web.BaseRequest, upstream: aiohttp.ClientResponse) -> bool:
         """Known, small length, and a body that really follows (not HEAD, 204 or 304)."""
         length = upstream.content_length
         return (
@@ -72,7 +72,7 @@ class Relay:
 
     async def _relay_whole(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         upstream: aiohttp.ClientResponse,
         headers: CIMultiDict[str],
         ex: Exchange,
@@ -91,7 +91,7 @@ class Relay:
         return web.Response(body=body, status=upstream.status, reason=upstream.reason, headers=headers)
 
 
-def _upstream_broke(request: web.Request, ex: Exchange, exc: BaseException) -> None:
+def _upstream_broke(request: web.BaseRequest, ex: Exchange, exc: BaseException) -> None:
     ex.error = "upstream_broke_mid_body"
     log.warning(
         "upstream broke mid-response; resetting the client connection",

@@ -29,7 +29,8 @@ def run_async(coro: Coroutine[Any, Any, int]) -> int:
         import uvloop
     except ImportError:
         return asyncio.run(coro)
-    return uvloop.run(coro)
+    result: int = uvloop.run(coro)  # typed here: without the extra, mypy knows nothing of uvloop
+    return result
 
 
 def _freeze_startup_heap() -> None:

@@ -1,9 +1,11 @@
 """One cache contract, every store (oauth2-proxy's shared session-store suite, for tokens).
 
-``store`` runs each test against the memory tier, Redis, and Redis with
-encryption at rest; ``two_tier`` runs the manager's memory-in-front-of-shared
-behaviour over each of them. Real redis-server and the real emulator; the
-only fake is the clock.
+``store`` runs each ``TokenCache`` test against the memory tier, Redis, and
+Redis with encryption at rest; ``shared`` runs the ``SharedTokenCache`` tests
+(invalidations between replicas, ping) against each shared store; the two-tier
+tests run the manager's memory-in-front-of-shared behaviour over each store.
+Every store is reached only through its protocol. Real redis-server and the
+real emulator; the only fake is the clock.
 """
 
 from __future__ import annotations
@@ -13,10 +15,10 @@ import base64
 import itertools
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
@@ -24,7 +26,7 @@ import pytest
 from proxy.emulator.app import EmulatorServer
 from proxy.metrics import Metrics
 from proxy.settings import AuthSettings, CacheSettings, RefreshSettings
-from proxy.tokens.cache import MemoryTokenCache, TokenCache
+from proxy.tokens.cache import MemoryTokenCache, SharedTokenCache, TokenCache
 from proxy.tokens.credentials import CredentialProvider
 from proxy.tokens.manager import TokenManager
 from proxy.tokens.model import CacheKey, Credentials, Token
@@ -32,7 +34,7 @@ from proxy.tokens.redis_cache import RedisTokenCache
 from proxy.tokens.source import TokenSource
 from tests.at_rest import assert_sealed
 from tests.proxy_fixtures import emulator_stats
-from tests.redis_fixtures import MakeRedis
+from tests.redis_fixtures import MakeRedis, RedisServer
 
 AUD = "partner/v1"
 DECISIONS = ("decisions:read",)
@@ -59,7 +61,7 @@ class Store:
 
     kind: str
     clock: FakeClock
-    replicas: list[TokenCache]
+    replicas: Sequence[TokenCache]
     raw_values: Callable[[], dict[bytes, bytes]] | None = None
     key_file: str | None = None
     metrics: list[Metrics] = field(default_factory=list)
@@ -73,16 +75,22 @@ class Store:
         return self.replicas[-1]
 
 
+def redis_replicas(
+    url: str, clock: FakeClock, key_file: str | None, metrics: Sequence[Metrics]
+) -> list[SharedTokenCache]:
+    """One Redis replica per ``metrics``, all on the store at ``url``."""
+    settings = CacheSettings(url=url, encryption_key_file=key_file)
+    return [
+        RedisTokenCache.from_settings(settings, clock=clock, metrics=m, lease_ttl_s=2.0, lease_wait_s=4.0)
+        for m in metrics
+    ]
+
+
 def redis_store(
     kind: str, url: str, clock: FakeClock, key_file: str | None, raw: Callable[[], dict[bytes, bytes]]
 ) -> Store:
     metrics = [Metrics(), Metrics()]
-    settings = CacheSettings(url=url, encryption_key_file=key_file)
-    replicas: list[TokenCache] = [
-        RedisTokenCache.from_settings(settings, clock=clock, metrics=m, lease_ttl_s=2.0, lease_wait_s=4.0)
-        for m in metrics
-    ]
-    return Store(kind, clock, replicas, raw, key_file, metrics)
+    return Store(kind, clock, redis_replicas(url, clock, key_file, metrics), raw, key_file, metrics)
 
 
 @pytest.fixture(params=["memory", "redis", "redis-sealed"])
@@ -210,6 +218,72 @@ async def test_a_lease_is_free_again_after_its_holder_fails(store: Store) -> Non
             pass
 
 
+# ------------------------------------------------------------ the shared contract
+@dataclass
+class Shared:
+    """Two replicas on one shared store, and the server behind them (to take it away)."""
+
+    clock: FakeClock
+    replicas: list[SharedTokenCache]
+    server: RedisServer
+
+
+@pytest.fixture(params=["redis", "redis-sealed"])
+async def shared(
+    request: pytest.FixtureRequest, make_redis: MakeRedis, tmp_path: Path
+) -> AsyncIterator[Shared]:
+    clock = FakeClock()
+    server = make_redis()
+    key_file = new_key_file(tmp_path / "keys", "k1") if request.param == "redis-sealed" else None
+    built = Shared(clock, redis_replicas(server.url, clock, key_file, [Metrics(), Metrics()]), server)
+    yield built
+    for replica in built.replicas:
+        await replica.close()
+
+
+class Heard:
+    """An invalidation handler that records its calls and can wait for them."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[CacheKey | None, str | None]] = []
+        self._changed = asyncio.Event()
+
+    def __call__(self, key: CacheKey | None, digest: str | None) -> None:
+        self.calls.append((key, digest))
+        self._changed.set()
+
+    async def first(self, n: int, within: float = 5.0) -> list[tuple[CacheKey | None, str | None]]:
+        """The calls once there are ``n`` of them (fails after ``within`` s)."""
+        async with asyncio.timeout(within):
+            while len(self.calls) < n:
+                self._changed.clear()
+                await self._changed.wait()
+        return self.calls[:n]
+
+
+async def test_a_purge_reaches_the_other_replicas_but_not_the_purger(shared: Shared) -> None:
+    a, b = shared.replicas
+    heard_a, heard_b = Heard(), Heard()
+    await a.start(heard_a)
+    await b.start(heard_b)
+    assert a.subscribed and b.subscribed
+    rejected = token(shared.clock)
+    await a.put(key(), rejected)
+    assert await a.purge_if_same(key(), rejected)
+    assert await heard_b.first(1) == [(key(), rejected.digest)]  # only that token goes, by its digest
+    await b.purge_all("cc_client_demo")
+    # The channel keeps its order: a's own purge reached a before b's drop-all, and was ignored.
+    assert await heard_a.first(1) == [(None, None)]
+    assert heard_b.calls == [(key(), rejected.digest)]
+
+
+async def test_a_ping_answers_while_the_store_does(shared: Shared) -> None:
+    a, _ = shared.replicas
+    assert await a.ping()
+    shared.server.kill()
+    assert not await a.ping()
+
+
 # ------------------------------------------------------------ at rest in Redis
 async def test_with_a_key_redis_holds_no_readable_token(store: Store) -> None:
     if store.raw_values is None:
@@ -232,7 +306,7 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 class CountingStore:
-    """Delegates to a real store and counts ``get`` calls (to prove memory hits stay local)."""
+    """A ``TokenCache`` over a real store that counts ``get`` calls (to prove memory hits stay local)."""
 
     def __init__(self, inner: TokenCache) -> None:
         self.inner = inner
@@ -242,12 +316,28 @@ class CountingStore:
         self.gets += 1
         return await self.inner.get(k)
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
+    async def put(self, k: CacheKey, t: Token) -> None:
+        await self.inner.put(k, t)
+
+    async def purge_if_same(self, k: CacheKey, t: Token) -> bool:
+        return await self.inner.purge_if_same(k, t)
+
+    async def purge_all(self, client_id: str) -> int:
+        return await self.inner.purge_all(client_id)
+
+    def lease(self, k: CacheKey) -> AbstractAsyncContextManager[None]:
+        return self.inner.lease(k)
+
+    async def close(self) -> None:
+        await self.inner.close()
 
 
 def manager(
-    emulator: EmulatorServer, session: aiohttp.ClientSession, store: Store, n: int, shared: Any = None
+    emulator: EmulatorServer,
+    session: aiohttp.ClientSession,
+    store: Store,
+    n: int,
+    shared: TokenCache | None = None,
 ) -> TokenManager:
     auth = AuthSettings(
         issuer=emulator.url, client_id="cc_client_demo", client_secret="demo-secret", verify=False

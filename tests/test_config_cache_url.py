@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from proxy.config.cache_url import CacheUrl, parse_cache_url
-from proxy.tokens.redis_cache import connect
+from proxy.tokens.redis_connect import connect
 
 PARSED = [
     ("memory://", CacheUrl("memory")),

@@ -9,7 +9,7 @@ Where each rule lives:
 * ``env``: ``${VAR}`` (one grammar, also for check-config's template mode) and ``CCP_*`` overrides;
 * ``values``: coercion of one value and the checks keys are built from;
 * ``addresses``, ``cache_url``: the ``host[:port]``/listen and ``cache.url`` grammars, one parser
-  each (``parse_cache_url`` is also what ``proxy.tokens.redis_cache`` connects with);
+  each (``parse_cache_url`` is also what ``proxy.tokens.redis_connect`` connects with);
 * ``cross_checks``: rules across keys; ``routes``: the ``routes:`` schema and table rules;
 * ``report``: the one problem collector every step records into;
 * ``inspect``: check-config and explain, as text; ``reference``: config/README.md's key table.

@@ -5,7 +5,7 @@ The forms: ``memory://``; ``redis[s]://[auth@]host[:port][/db]``;
 ``redis[s]+cluster://[auth@]h:p[,h:p...]``. Query options (``?db=``,
 ``?password=``) pass through to the client.
 
-Validation and ``proxy.tokens.redis_cache.connect`` both read the URL through
+Validation and ``proxy.tokens.redis_connect.connect`` both read the URL through
 ``parse_cache_url``, so a URL the config accepts is exactly one the connection
 understands, split the same way. A problem raises ``ValueError`` with the
 message a config error shows; it quotes the URL only masked (``mask_url``): a

@@ -1,8 +1,15 @@
-"""The token cache contract and its process-memory implementation.
+"""The token cache contracts and the process-memory implementation.
 
 Every store (memory, Redis) implements ``TokenCache``; one conformance suite
-runs against each so behaviour cannot drift between them. The manager layers
-a memory cache in front of an optional shared one.
+(``tests/test_cache_contract.py``) runs against each so behaviour cannot drift
+between them. The manager layers a memory cache in front of an optional shared
+one and needs nothing more than ``TokenCache`` of it.
+
+A store shared by replicas (Redis) is a ``SharedTokenCache``: it also carries
+the invalidations between replicas and can be asked whether it answers. The
+runtime starts it and ``flush`` pings it through this protocol, never through
+the Redis class, so the seam between the product and the shared tier is typed
+and checked (``mypy --strict`` runs in the test suite).
 """
 
 from __future__ import annotations
@@ -39,6 +46,27 @@ class TokenCache(Protocol):
 
     async def close(self) -> None:
         """Release connections and background tasks."""
+
+
+class SharedTokenCache(TokenCache, Protocol):
+    """A ``TokenCache`` every replica reads; a purge on one must reach the memory tier of all."""
+
+    async def start(self, on_invalidate: InvalidationHandler) -> None:
+        """Deliver other replicas' invalidations to ``on_invalidate`` from now until ``close``.
+
+        Waits briefly for the subscription, never for the store to come up: a shared
+        tier that is down must not stop a replica from starting.
+        """
+
+    @property
+    def subscribed(self) -> bool:
+        """True while other replicas' invalidations are being received."""
+
+    async def ping(self) -> bool:
+        """True when the store answers now (for ``flush`` and diagnostics, not for readiness)."""
+
+    async def purge_all(self, client_id: str) -> int:
+        """Drop every token of ``client_id`` and tell every replica to drop its memory copies."""
 
 
 class MemoryTokenCache:

@@ -414,7 +414,7 @@ class TokenManager:
             self.memory.drop(None)
             return
         held = self.memory.peek(key)
-        if held is not None and (digest is None or held.digest == digest):
+        if held is not None and held.digest == digest:  # a per-key drop without a digest is malformed
             self.memory.drop(key)
 
     def usable_count(self) -> int:
