@@ -23,6 +23,7 @@ import pytest
 
 from proxy.app import ProxyServer
 from proxy.emulator.app import EmulatorServer
+from tests.helpers import eventually
 from tests.proxy_fixtures import StartProxy, emulator_requests, emulator_stats, open_connection, set_faults
 
 DOC = "/partner/v1/applications/app_demo_001/documents"
@@ -38,14 +39,6 @@ def rss_mib() -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     raise AssertionError("no VmRSS in /proc/self/status")
-
-
-async def eventually(check: Callable[[], bool], within: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not check():
-        assert loop.time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 def kept_gauge(proxy: ProxyServer) -> float:

@@ -36,6 +36,7 @@ from proxy.app import ProxyServer
 from proxy.config import parse_config
 from proxy.emulator.app import EmulatorServer
 from proxy.errors import ConfigError
+from tests.helpers import eventually
 from tests.parsers import check_expected_parser, parser_kind, rerun_under_pure_python
 from tests.proxy_fixtures import (
     StartProxy,
@@ -44,7 +45,7 @@ from tests.proxy_fixtures import (
     emulator_stats,
     open_connection,
 )
-from tests.test_metrics import Scrape, eventually, scrape
+from tests.test_metrics import Scrape, scrape
 
 ROOT = Path(__file__).resolve().parent.parent
 INNER_ENV = "CCP_LIMITS_WIRE_PARSER"

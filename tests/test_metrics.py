@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import time
 import uuid
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -20,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy import __version__
 from proxy.app import ProxyServer
 from proxy.emulator.app import EmulatorServer
+from tests.helpers import eventually
 from tests.proxy_fixtures import TEST_ROUTES, StartProxy, fixed_upstream, set_faults
 
 DECISION = "/partner/v1/decisions/dec_demo_001"
@@ -53,15 +52,6 @@ async def scrape(http: aiohttp.ClientSession, proxy: ProxyServer | str) -> Scrap
         assert resp.status == 200
         assert resp.headers["Content-Type"].startswith("text/plain; version=")
         return Scrape(await resp.text())
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], within: float = 10.0, every: float = 0.05) -> None:
-    """Poll ``check`` until it holds; fails the test after ``within`` s (a bound, not a speed claim)."""
-    deadline = time.monotonic() + within
-    while not await check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {within}s")
-        await asyncio.sleep(every)
 
 
 async def get(http: aiohttp.ClientSession, url: str, **kwargs: Any) -> int:

@@ -23,8 +23,9 @@ from yarl import URL
 
 from proxy.emulator.app import EmulatorServer
 from proxy.emulator.state import secret_id
+from tests.helpers import eventually
 from tests.proxy_fixtures import StartProxy, emulator_stats
-from tests.test_metrics import eventually, get, scrape
+from tests.test_metrics import get, scrape
 
 CLIENT_ID = "cc_client_demo"
 OLD_SECRET = "demo-secret"  # the emulator's provisioned secret

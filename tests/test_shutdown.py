@@ -29,9 +29,10 @@ import yaml
 from proxy.connections import flush_or_reset
 from proxy.emulator.app import EmulatorServer
 from proxy.emulator.streams import statement_bytes
+from tests.helpers import eventually
 from tests.proxy_fixtures import base_config, merge, set_faults
 from tests.redis_fixtures import free_port
-from tests.test_metrics import eventually, get, scrape
+from tests.test_metrics import get, scrape
 
 REPO = Path(__file__).resolve().parent.parent
 STATEMENT = "/partner/v1/accounts/acc_demo_001/statement"
