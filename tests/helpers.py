@@ -8,6 +8,7 @@ process's memory, and ``sample`` for a metric value read the public way.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import inspect
 import time
 from collections.abc import Callable
@@ -34,3 +35,49 @@ async def eventually(check: Check, within: float = 10.0, every: float = 0.02) ->
         if time.monotonic() > deadline:
             pytest.fail(f"condition not met within {within}s")
         await asyncio.sleep(every)
+
+
+class FakeClock:
+    """Virtual epoch seconds for code that takes a ``clock`` (and a ``sleep``).
+
+    It starts at ``now``, or at the wall clock when not given: tokens from the
+    emulator and keys in Redis carry real times, so a clock that only moves
+    when told must still start near them. Tests move it with ``advance`` (or
+    by setting ``now``). Its ``sleep`` waits for the clock: a driver wakes the
+    earliest sleepers every real millisecond, jumping the clock to their wake
+    time, so coroutines run in virtual-time order while real socket I/O gets
+    real time to complete.
+    """
+
+    def __init__(self, now: float | None = None) -> None:
+        self.now = time.time() if now is None else now
+        self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._seq = 0
+        self._driver: asyncio.Task[None] | None = None
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    async def sleep(self, seconds: float) -> None:
+        if seconds <= 0:
+            await asyncio.sleep(0)
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._seq += 1
+        heapq.heappush(self._sleepers, (self.now + seconds, self._seq, future))
+        if self._driver is None or self._driver.done():
+            self._driver = asyncio.create_task(self._drive())
+        await future
+
+    async def _drive(self) -> None:
+        while self._sleepers:
+            await asyncio.sleep(0.001)
+            target = self._sleepers[0][0]
+            self.now = max(self.now, target)
+            while self._sleepers and self._sleepers[0][0] <= target:
+                future = heapq.heappop(self._sleepers)[2]
+                if not future.done():
+                    future.set_result(None)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -19,18 +18,11 @@ from proxy.tokens.credentials import CredentialProvider
 from proxy.tokens.manager import TokenManager
 from proxy.tokens.model import Token
 from proxy.tokens.source import TokenSource
+from tests.helpers import FakeClock
 from tests.proxy_fixtures import emulator_stats, set_faults
 
 DECISIONS = ("decisions:read",)
 AUD = "partner/v1"
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

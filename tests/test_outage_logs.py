@@ -21,8 +21,9 @@ import pytest
 from proxy.emulator.app import EmulatorServer
 from proxy.metrics import Metrics
 from tests.conftest import MakeEmulator
+from tests.helpers import FakeClock
 from tests.proxy_fixtures import StartProxy, emulator_stats, set_faults
-from tests.test_manager import AUD, DECISIONS, FakeClock, make_manager
+from tests.test_manager import AUD, DECISIONS, make_manager
 
 DECISION = "/partner/v1/decisions/dec_demo_001"
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import heapq
 import json
 import logging
 import random
@@ -40,53 +39,12 @@ from proxy.settings import AuthSettings
 from proxy.tokens.credentials import CredentialProvider
 from proxy.tokens.model import Token
 from proxy.tokens.source import TokenSource
+from tests.helpers import FakeClock
 
 CLIENT_ID = "cc_client_demo"
 SECRET = "demo-secret"
 READ = ("decisions:read",)
 START = 1_700_000_000.0
-
-
-class FakeClock:
-    """Virtual epoch seconds: ``sleep`` waits for the clock, and a driver moves the clock.
-
-    The driver wakes the earliest sleepers every real millisecond, jumping the
-    clock to their wake time, so coroutines run in virtual-time order while
-    real socket I/O gets real time to complete.
-    """
-
-    def __init__(self, now: float = START) -> None:
-        self.now = now
-        self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
-        self._seq = 0
-        self._driver: asyncio.Task[None] | None = None
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-    async def sleep(self, seconds: float) -> None:
-        if seconds <= 0:
-            await asyncio.sleep(0)
-            return
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._seq += 1
-        heapq.heappush(self._sleepers, (self.now + seconds, self._seq, future))
-        if self._driver is None or self._driver.done():
-            self._driver = asyncio.create_task(self._drive())
-        await future
-
-    async def _drive(self) -> None:
-        while self._sleepers:
-            await asyncio.sleep(0.001)
-            target = self._sleepers[0][0]
-            self.now = max(self.now, target)
-            while self._sleepers and self._sleepers[0][0] <= target:
-                future = heapq.heappop(self._sleepers)[2]
-                if not future.done():
-                    future.set_result(None)
 
 
 @dataclass
@@ -146,7 +104,7 @@ class ScriptedIssuer:
 
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(START)
 
 
 @pytest.fixture
