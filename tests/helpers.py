@@ -8,12 +8,17 @@ process's memory, and ``sample`` for a metric value read the public way.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import gc
 import heapq
 import inspect
+import os
 import time
 from collections.abc import Callable
 
 import pytest
+
+from tests.bench.procs import status_kib
 
 #: A condition: returns a truthy value when it holds, or an awaitable of one.
 Check = Callable[[], object]
@@ -81,3 +86,17 @@ class FakeClock:
                 future = heapq.heappop(self._sleepers)[2]
                 if not future.done():
                     future.set_result(None)
+
+
+def rss_bytes(*, settle: bool) -> int:
+    """Resident memory (VmRSS) of this process, where the proxy under test runs.
+
+    ``settle=True`` first collects garbage and hands free heap back to the OS
+    (``malloc_trim``), so earlier tests' freed memory does not inflate a baseline
+    and the number is memory really held. ``settle=False`` reads it as it is, e.g.
+    while an attack's connections are still open and nothing may be released first.
+    """
+    if settle:
+        gc.collect()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return status_kib(os.getpid(), "VmRSS") * 1024
