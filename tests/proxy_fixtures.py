@@ -101,6 +101,13 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    """A default client session for the token layer under test (source, verifier, manager) to call with."""
+    async with aiohttp.ClientSession() as client:
+        yield client
+
+
 async def emulator_stats(session: aiohttp.ClientSession, emulator: EmulatorServer) -> dict[str, Any]:
     async with session.get(emulator.url + "/_emulator/stats") as resp:
         return await resp.json()

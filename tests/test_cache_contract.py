@@ -292,12 +292,6 @@ async def test_with_a_key_redis_holds_no_readable_token(store: Store) -> None:
 
 
 # ------------------------------------------------------------------ two tiers
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
-
-
 class CountingStore:
     """A ``TokenCache`` over a real store that counts ``get`` calls (to prove memory hits stay local)."""
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
@@ -33,12 +32,6 @@ async def emulator(make_emulator: MakeEmulator) -> EmulatorServer:
     """Without the 10/s limit: the fake clock packs minutes of backoff into real milliseconds, and
     the emulator's limit runs on real time (it would answer 429s the proxy never provoked)."""
     return await make_emulator(rate_limit=None)
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
 
 
 def _serve_stale_warnings(caplog: pytest.LogCaptureFixture) -> int:

@@ -123,6 +123,8 @@ def sent(clock: FakeClock) -> list[float]:
 
 @pytest.fixture
 async def session(clock: FakeClock, sent: list[float]) -> AsyncIterator[aiohttp.ClientSession]:
+    """Here in place of the shared ``session``: the same client, recording when each token request starts."""
+
     async def on_start(_: Any, __: Any, params: aiohttp.TraceRequestStartParams) -> None:
         if params.method == "POST" and params.url.path == "/oauth/token":
             sent.append(clock())

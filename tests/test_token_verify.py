@@ -83,12 +83,6 @@ async def keys(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> AsyncIte
     yield served, f"http://{server.host}:{server.port}/jwks"
 
 
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as client:
-        yield client
-
-
 def verifier_for(session: aiohttp.ClientSession, uri: str, clock: FakeClock) -> JwtVerifier:
     return JwtVerifier(session, ISSUER, clock=clock, jwks_uri=uri)
 
