@@ -2,7 +2,10 @@
 
 One of each: ``eventually`` for conditions that settle on their own, a virtual
 clock for code that takes ``clock`` and ``sleep``, one reading of this
-process's memory, and ``sample`` for a metric value read the public way.
+process's memory, ``sample`` for a metric value read the public way, and the
+small clients and servers several modules need (``get``, ``cli``,
+``hanging_server``). What starts the proxy or the emulator lives in
+``tests/proxy_fixtures.py``; ``tests/test_test_suite.py`` keeps it this way.
 """
 
 from __future__ import annotations
@@ -13,12 +16,22 @@ import gc
 import heapq
 import inspect
 import os
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
 
+from proxy.metrics import Metrics
 from tests.bench.procs import status_kib
+
+ROOT = Path(__file__).resolve().parent.parent
 
 #: A condition: returns a truthy value when it holds, or an awaitable of one.
 Check = Callable[[], object]
@@ -100,3 +113,67 @@ def rss_bytes(*, settle: bool) -> int:
         gc.collect()
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     return status_kib(os.getpid(), "VmRSS") * 1024
+
+
+async def get(http: aiohttp.ClientSession, url: str, **kwargs: Any) -> int:
+    """GET ``url`` and read the body to the end; returns the status."""
+    async with http.get(url, **kwargs) as resp:
+        await resp.read()
+        return resp.status
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``python -m proxy ARGS`` from the repository root, as a user runs it; never raises on exit codes."""
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+        cwd=ROOT,
+        check=False,
+    )
+
+
+@dataclass
+class HangingServer:
+    """A TCP server that accepts and never answers (a hung issuer); counts connections."""
+
+    url: str = ""
+    connections: int = 0
+
+
+@asynccontextmanager
+async def hanging_server() -> AsyncIterator[HangingServer]:
+    """Serve until the block ends; every connection is held open without a byte of answer."""
+    hung = HangingServer()
+    release = asyncio.Event()
+
+    async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        hung.connections += 1
+        try:
+            await release.wait()
+        finally:
+            writer.close()
+            await writer.wait_closed()
+
+    server = await asyncio.start_server(hang, "127.0.0.1", 0)
+    hung.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        yield hung
+    finally:
+        release.set()
+        server.close()
+        await server.wait_closed()
+        await asyncio.sleep(0.01)  # let the handlers close their side
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float:
+    """One sample of the registry, read with prometheus-client's public ``get_sample_value``.
+
+    ``name`` is the sample's name as exposed: a counter ``ccp_x`` is read as
+    ``ccp_x_total``, a gauge by its own name, a histogram as ``..._count`` or
+    ``..._sum``. A labelled series that was never touched reads 0, as it would
+    on a fresh child of the family.
+    """
+    return metrics.registry.get_sample_value(name, labels) or 0.0

@@ -37,13 +37,14 @@ from proxy.errors import ConfigError
 from tests.helpers import eventually, rss_bytes
 from tests.parsers import check_expected_parser, parser_kind, rerun_under_pure_python
 from tests.proxy_fixtures import (
+    Scrape,
     StartProxy,
     base_config,
     emulator_requests,
     emulator_stats,
     open_connection,
+    scrape,
 )
-from tests.test_metrics import Scrape, scrape
 
 ROOT = Path(__file__).resolve().parent.parent
 INNER_ENV = "CCP_LIMITS_WIRE_PARSER"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
@@ -19,26 +18,10 @@ from proxy.tokens.model import Token
 from proxy.tokens.source import TokenSource
 from tests.helpers import FakeClock
 from tests.proxy_fixtures import emulator_stats, set_faults
+from tests.token_layer import make_manager
 
 DECISIONS = ("decisions:read",)
 AUD = "partner/v1"
-
-
-def make_manager(
-    emulator: EmulatorServer,
-    session: aiohttp.ClientSession,
-    clock: FakeClock,
-    metrics: Metrics | None = None,
-    **refresh: float,
-) -> TokenManager:
-    auth = AuthSettings(
-        issuer=emulator.url, client_id="cc_client_demo", client_secret="demo-secret", verify=False
-    )
-    creds = CredentialProvider(auth.client_id, secret=auth.client_secret)
-    metrics = metrics or Metrics()
-    source = TokenSource(auth, creds, session, clock=clock, metrics=metrics)
-    policy = replace(RefreshSettings(jitter_s=0.0), **refresh)
-    return TokenManager(source, creds, refresh=policy, clock=clock, metrics=metrics)
 
 
 def token(issued: float, lifetime: float) -> Token:

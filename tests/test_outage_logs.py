@@ -22,9 +22,11 @@ from proxy.metrics import Metrics
 from tests.conftest import MakeEmulator
 from tests.helpers import FakeClock
 from tests.proxy_fixtures import StartProxy, emulator_stats, set_faults
-from tests.test_manager import AUD, DECISIONS, make_manager
+from tests.token_layer import make_manager
 
 DECISION = "/partner/v1/decisions/dec_demo_001"
+DECISIONS = ("decisions:read",)
+AUD = "partner/v1"
 
 
 @pytest.fixture

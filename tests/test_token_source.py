@@ -17,7 +17,6 @@ import random
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from email.utils import formatdate
 from pathlib import Path
@@ -39,7 +38,7 @@ from proxy.settings import AuthSettings
 from proxy.tokens.credentials import CredentialProvider
 from proxy.tokens.model import Token
 from proxy.tokens.source import TokenSource
-from tests.helpers import FakeClock
+from tests.helpers import FakeClock, hanging_server, sample
 
 CLIENT_ID = "cc_client_demo"
 SECRET = "demo-secret"
@@ -155,42 +154,6 @@ def make_source(
     return TokenSource(
         settings, provider, session, clock=clock, metrics=metrics, sleep=clock.sleep, rng=random.Random(7)
     )
-
-
-@dataclass
-class HangingServer:
-    """A TCP server that accepts and never answers (a hung issuer); counts connections."""
-
-    url: str = ""
-    connections: int = 0
-
-
-@asynccontextmanager
-async def hanging_server() -> AsyncIterator[HangingServer]:
-    hung = HangingServer()
-    release = asyncio.Event()
-
-    async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        hung.connections += 1
-        try:
-            await release.wait()
-        finally:
-            writer.close()
-            await writer.wait_closed()
-
-    server = await asyncio.start_server(hang, "127.0.0.1", 0)
-    hung.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    try:
-        yield hung
-    finally:
-        release.set()
-        server.close()
-        await server.wait_closed()
-        await asyncio.sleep(0.01)  # let the handlers close their side
-
-
-def sample(metrics: Metrics, name: str, **labels: str) -> float:
-    return metrics.registry.get_sample_value(name, labels) or 0.0
 
 
 # --------------------------------------------------------------------------- discovery

@@ -31,8 +31,7 @@ from proxy.settings import AuthSettings
 from proxy.tokens.credentials import CredentialProvider
 from proxy.tokens.source import TokenSource
 from proxy.tokens.verify import JwksUnavailable, JwtVerifier, TokenVerificationError, parse_jwks
-from tests.helpers import FakeClock
-from tests.test_token_source import hanging_server
+from tests.helpers import FakeClock, hanging_server
 
 ISSUER = "https://sso.credicorp.test"
 AUDIENCE = "partner/v1"
