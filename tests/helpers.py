@@ -174,6 +174,22 @@ def sample(metrics: Metrics, name: str, **labels: str) -> float:
     ``name`` is the sample's name as exposed: a counter ``ccp_x`` is read as
     ``ccp_x_total``, a gauge by its own name, a histogram as ``..._count`` or
     ``..._sum``. A labelled series that was never touched reads 0, as it would
-    on a fresh child of the family.
+    on a fresh child of the family; a name no family exposes fails the test, so
+    a misspelt name (or a counter without ``_total``) cannot pass as a 0.
     """
+    exposed = {
+        family.name + suffix
+        for family in metrics.registry.collect()
+        for suffix in _SAMPLE_SUFFIXES.get(family.type, ("",))
+    }
+    assert name in exposed, f"no metric family exposes a sample named {name!r}"
     return metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+#: The sample names each family type exposes, after the family's own name.
+_SAMPLE_SUFFIXES = {
+    "counter": ("_total", "_created"),
+    "histogram": ("_bucket", "_count", "_sum", "_created"),
+    "summary": ("", "_count", "_sum", "_created"),
+    "info": ("_info",),
+}

@@ -13,6 +13,7 @@ import pytest
 
 from proxy.emulator.api import statement_bytes
 from proxy.emulator.app import EmulatorServer
+from tests.helpers import sample
 from tests.proxy_fixtures import (
     StartProxy,
     emulator_requests,
@@ -444,7 +445,7 @@ async def test_upstream_drop_mid_body_resets_the_client(
         with pytest.raises(expected):
             async with fresh.get(proxy.proxy_url + DECISION) as resp:
                 await resp.read()
-    assert proxy.runtime.metrics.in_flight._value.get() == 0
+    assert sample(proxy.runtime.metrics, "ccp_in_flight_requests") == 0
 
 
 async def test_upstream_drop_after_the_head_was_relayed_is_a_tcp_reset_not_an_eof(
@@ -493,13 +494,13 @@ async def test_client_going_away_cancels_the_upstream_request(
         async with http.get(proxy.proxy_url + DECISION, timeout=aiohttp.ClientTimeout(total=0.3)):
             pass
     for _ in range(50):
-        if proxy.runtime.metrics.in_flight._value.get() == 0:
+        if sample(proxy.runtime.metrics, "ccp_in_flight_requests") == 0:
             break
         await asyncio.sleep(0.05)
-    assert proxy.runtime.metrics.in_flight._value.get() == 0
+    assert sample(proxy.runtime.metrics, "ccp_in_flight_requests") == 0
     # The abandoned request is still counted (as 499 client_gone), not silently lost.
-    gone = proxy.runtime.metrics.requests.labels("decisions.read", "GET", "499")
-    assert gone._value.get() == 1
+    gone = {"route": "decisions.read", "method": "GET", "code": "499"}
+    assert sample(proxy.runtime.metrics, "ccp_requests_total", **gone) == 1
 
 
 async def test_body_over_the_limit_is_413(start_proxy: StartProxy, http: aiohttp.ClientSession) -> None:

@@ -21,7 +21,7 @@ from proxy.settings import CacheSettings
 from proxy.tokens.model import CacheKey, Credentials, Token
 from proxy.tokens.redis_cache import BREAKER_S, RedisTokenCache
 from proxy.tokens.sealing import Keyring, SealingKeyError, TokenCodec, derive_kid
-from tests.helpers import eventually
+from tests.helpers import eventually, sample
 from tests.redis_fixtures import ClusterSet, MakeRedis, RedisServer, SentinelSet
 
 AUD = "partner/v1"
@@ -60,10 +60,10 @@ class Caches:
         return cache
 
     def errors(self, cache: RedisTokenCache, op: str) -> float:
-        return self.made[cache].redis_errors.labels(op)._value.get()
+        return sample(self.made[cache], "ccp_redis_errors_total", op=op)
 
     def lookups(self, cache: RedisTokenCache, result: str) -> float:
-        return self.made[cache].cache_lookups.labels("redis", result)._value.get()
+        return sample(self.made[cache], "ccp_token_cache_lookups_total", tier="redis", result=result)
 
 
 @pytest.fixture

@@ -3,7 +3,8 @@
 A helper imported from another test module drags that module's fixtures and
 constants along, runs its import-time code twice under two names, and hides
 which helpers are shared. Shared code goes into ``tests/helpers.py``,
-``tests/proxy_fixtures.py`` and their siblings instead.
+``tests/proxy_fixtures.py`` and their siblings instead. A shared helper that
+many assertions read through (``sample``) is checked here too.
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ import ast
 from pathlib import Path
 
 import pytest
+
+from proxy.metrics import Metrics
+from tests.helpers import sample
 
 TESTS = Path(__file__).resolve().parent
 
@@ -80,3 +84,15 @@ def test_no_module_of_the_suite_imports_a_test_module() -> None:
         if (found := imported_test_modules(path.read_text()))
     }
     assert offenders == {}, "move shared helpers into tests/helpers.py (or a fixtures module)"
+
+
+def test_sample_reads_counters_and_gauges_and_refuses_a_name_no_family_exposes() -> None:
+    metrics = Metrics()
+    metrics.redis_errors.labels("get").inc(2)
+    metrics.in_flight.set(3)
+    assert sample(metrics, "ccp_redis_errors_total", op="get") == 2
+    assert sample(metrics, "ccp_redis_errors_total", op="set") == 0  # a series never touched
+    assert sample(metrics, "ccp_in_flight_requests") == 3
+    for misspelt in ("ccp_redis_errors", "ccp_in_flight_requests_total", "ccp_redis_error_total"):
+        with pytest.raises(AssertionError, match="no metric family"):
+            sample(metrics, misspelt, op="get")
