@@ -16,7 +16,7 @@ from proxy.tokens.credentials import CredentialProvider
 from proxy.tokens.manager import TokenManager
 from proxy.tokens.model import Token
 from proxy.tokens.source import TokenSource
-from tests.helpers import FakeClock
+from tests.helpers import FakeClock, eventually
 from tests.proxy_fixtures import emulator_stats, set_faults
 from tests.token_layer import make_manager
 
@@ -58,10 +58,7 @@ async def test_stale_token_is_served_while_a_refresh_runs_behind_it(
     first = await manager.get(DECISIONS, AUD)
     clock.now += 3300  # past 90 % of 3600 s
     assert (await manager.get(DECISIONS, AUD)).same_as(first)  # no waiting on the endpoint
-    for _ in range(100):
-        if manager.memory.peek(manager.key_for(DECISIONS, AUD)) is not first:
-            break
-        await asyncio.sleep(0.02)
+    await eventually(lambda: manager.memory.peek(manager.key_for(DECISIONS, AUD)) is not first, within=2)
     assert not (await manager.get(DECISIONS, AUD)).same_as(first)
     assert (await emulator_stats(session, emulator))["tokens_issued"] == 2
 

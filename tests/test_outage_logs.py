@@ -20,7 +20,7 @@ import pytest
 from proxy.emulator.app import EmulatorServer
 from proxy.metrics import Metrics
 from tests.conftest import MakeEmulator
-from tests.helpers import FakeClock
+from tests.helpers import FakeClock, eventually
 from tests.proxy_fixtures import StartProxy, emulator_stats, set_faults
 from tests.token_layer import make_manager
 
@@ -155,8 +155,5 @@ async def test_an_outage_under_load_through_the_proxy_stays_quiet_and_every_requ
         stats.update(await emulator_stats(http, emulator))
         return stats["tokens_issued"] == 2
 
-    for _ in range(500):
-        if await refreshed():
-            break
-        await asyncio.sleep(0.01)
+    await eventually(refreshed, within=5, every=0.01)
     assert stats["tokens_issued"] == 2
