@@ -68,15 +68,6 @@ class Pattern:
     text: str
     parts: tuple[tuple[Seg, str], ...]
 
-    def matches(self, segments: Sequence[str]) -> bool:
-        """Reference (trie-free) matcher; the trie must agree with it."""
-        for pos, (kind, value) in enumerate(self.parts):
-            if kind is Seg.REST:
-                return True
-            if pos >= len(segments) or (kind is Seg.LITERAL and segments[pos] != value):
-                return False
-        return len(segments) == len(self.parts)
-
     def bind(self, segments: Sequence[str]) -> dict[str, str]:
         """The ``{name}`` values of a matching path, for ``explain`` output."""
         return {v: segments[i] for i, (k, v) in enumerate(self.parts) if k is Seg.ONE and v}
