@@ -88,16 +88,12 @@ class SafeTarget:
     ``path`` is both what is matched and what is forwarded, so the two can never
     disagree; ``segments`` is the decoded view the route matcher compares with
     literal pattern segments (safe because encoded ``/`` and ``\\`` are refused).
+    A trailing ``/`` stays in ``path`` and adds no empty segment.
     """
 
     path: str
     query: str
     segments: tuple[str, ...]
-
-    @property
-    def trailing_slash(self) -> bool:
-        """Whether the path ended in '/', which ``segments`` alone cannot show."""
-        return len(self.path) > 1 and self.path.endswith("/")
 
 
 def validate_target(method: str, raw_target: str) -> SafeTarget:

@@ -70,11 +70,11 @@ def test_ordinary_methods_are_accepted(method: str) -> None:
     assert validate_target(method, "/a").segments == ("a",)
 
 
-def test_trailing_slash_is_kept_in_path_and_reported_but_adds_no_empty_segment() -> None:
+def test_trailing_slash_is_kept_in_the_forwarded_path_but_adds_no_empty_segment() -> None:
     with_slash, without = validate_target("GET", "/a/b/"), validate_target("GET", "/a/b")
     assert with_slash.segments == without.segments == ("a", "b")
-    assert with_slash.trailing_slash and not without.trailing_slash
-    assert not validate_target("GET", "/").trailing_slash
+    assert (with_slash.path, without.path) == ("/a/b/", "/a/b")
+    assert validate_target("GET", "/") == SafeTarget("/", "", ())  # the root: no segment at all
 
 
 def test_safe_target_is_immutable() -> None:
