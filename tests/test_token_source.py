@@ -779,7 +779,7 @@ async def test_endpoint_faults_back_off_then_recover(
     clock.advance(caught.value.retry_after)
     token = await source.mint(READ, "partner/v1")
     assert token.scopes == READ
-    assert source.health().backing_off_until is None and source.health().last_success_at == clock()
+    assert source.health().backing_off_until is None and source.health().last_error is None
 
 
 async def test_a_concurrent_failure_without_retry_after_keeps_the_servers_longer_retry_after(
