@@ -82,6 +82,27 @@ async def keys(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> AsyncIte
     yield served, f"http://{server.host}:{server.port}/jwks"
 
 
+class JwksFetches:
+    """A client session that counts the JWKS documents fetched through it (GETs of a ``jwks`` path)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        trace = aiohttp.TraceConfig()
+        trace.on_request_start.append(self._started)
+        self.session = aiohttp.ClientSession(trace_configs=[trace])
+
+    async def _started(self, _: Any, __: Any, params: aiohttp.TraceRequestStartParams) -> None:
+        if params.method == "GET" and "jwks" in params.url.path:
+            self.count += 1
+
+
+@pytest.fixture
+async def jwks_fetches() -> AsyncIterator[JwksFetches]:
+    counted = JwksFetches()
+    async with counted.session:
+        yield counted
+
+
 def verifier_for(session: aiohttp.ClientSession, uri: str, clock: FakeClock) -> JwtVerifier:
     return JwtVerifier(session, ISSUER, clock=clock, jwks_uri=uri)
 
@@ -177,13 +198,13 @@ async def test_jwks_unavailable_without_cached_keys(
 
 
 async def test_a_hung_jwks_fetch_is_shared_by_every_waiting_token(
-    keys: tuple[Keys, str], session: aiohttp.ClientSession
+    keys: tuple[Keys, str], jwks_fetches: JwksFetches
 ) -> None:
     """Concurrent verifications share one JWKS fetch and its failure: one timeout, not one each."""
     served, _ = keys
     async with hanging_server() as hung:
         verifier = JwtVerifier(
-            session, ISSUER, clock=FakeClock(NOW), jwks_uri=hung.url + "/jwks", timeout_s=0.5
+            jwks_fetches.session, ISSUER, clock=FakeClock(NOW), jwks_uri=hung.url + "/jwks", timeout_s=0.5
         )
         started = time.monotonic()
         results = await asyncio.gather(
@@ -192,7 +213,7 @@ async def test_a_hung_jwks_fetch_is_shared_by_every_waiting_token(
         )
         elapsed = time.monotonic() - started
     assert all(isinstance(r, JwksUnavailable) for r in results), results
-    assert hung.connections == 1 and verifier.fetches == 1
+    assert hung.connections == 1 and jwks_fetches.count == 1
     assert elapsed < 1.5
 
 
@@ -284,21 +305,21 @@ def emulator_source(
 
 
 async def test_emulator_tokens_verify_and_a_rotated_key_is_picked_up(
-    emu: Any, session: aiohttp.ClientSession
+    emu: Any, jwks_fetches: JwksFetches
 ) -> None:
-    clock = FakeClock()
+    clock, session = FakeClock(), jwks_fetches.session
     source, verifier = emulator_source(emu.url, session, clock)
     first = await source.mint(("decisions:read",), AUDIENCE)
     claims = await verifier.verify(first.value, audience=AUDIENCE, scopes=first.scopes)
     old_kid = jwt.get_unverified_header(first.value)["kid"]
-    assert claims["iss"] == emu.url and verifier.fetches == 1
+    assert claims["iss"] == emu.url and jwks_fetches.count == 1
 
     async with session.post(f"{emu.url}/_emulator/rotate-signing-key") as resp:
         assert resp.status < 300
     clock.now += 11  # past the unknown-kid refetch interval
     second = await source.mint(("payments:read",), AUDIENCE)  # verified inside mint
     assert jwt.get_unverified_header(second.value)["kid"] != old_kid
-    assert verifier.fetches == 2
+    assert jwks_fetches.count == 2
 
 
 async def test_emulator_token_checked_against_the_wrong_audience_is_refused(
