@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import itertools
 import os
 import signal
@@ -174,16 +175,13 @@ def write_config(fleet: Fleet, path: Path, **overrides: Any) -> Path:
 
 
 async def wait_ready(http: aiohttp.ClientSession, url: str, within: float = 20) -> None:
-    deadline = time.monotonic() + within
-    while True:
-        try:
+    async def up() -> bool:
+        with contextlib.suppress(aiohttp.ClientError):
             async with http.get(url) as resp:
-                if resp.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        assert time.monotonic() < deadline, f"{url} did not come up"
-        await asyncio.sleep(0.05)
+                return resp.status == 200
+        return False
+
+    await eventually(up, within=within, every=0.05)
 
 
 async def test_a_lease_holder_killed_mid_mint_is_replaced_by_another_replica(fleet: Fleet) -> None:
