@@ -42,7 +42,8 @@ character (descriptions quote at most a short, printable-ASCII raw segment):
   no controls, no space, no ``#``); encoded bytes in it pass through.
 
 Never use ``request.path``/``request.rel_url`` for routing: aiohttp decodes
-them and drops the scheme, authority and fragment. Use ``validate_request``.
+them and drops the scheme, authority and fragment. Check ``request.raw_path``
+(the request-target as sent) with ``validate_target``.
 Forward ``SafeTarget.path`` (and ``query``) with ``yarl.URL(..., encoded=True)``:
 without it yarl re-quotes (``%2e`` -> ``.``, ``%7e`` -> ``~``) and the forwarded
 bytes would no longer be the matched bytes.
@@ -53,15 +54,12 @@ from __future__ import annotations
 import re
 import unicodedata
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import Final
 from urllib.parse import unquote_to_bytes
 
 from proxy.errors import BadRequest
 
-if TYPE_CHECKING:
-    from aiohttp.web import BaseRequest
-
-__all__ = ["MAX_SEGMENTS", "MAX_TARGET_LENGTH", "SafeTarget", "validate_request", "validate_target"]
+__all__ = ["MAX_SEGMENTS", "MAX_TARGET_LENGTH", "SafeTarget", "validate_target"]
 
 MAX_TARGET_LENGTH: Final = 8192
 MAX_SEGMENTS: Final = 128
@@ -90,21 +88,12 @@ class SafeTarget:
     ``path`` is both what is matched and what is forwarded, so the two can never
     disagree; ``segments`` is the decoded view the route matcher compares with
     literal pattern segments (safe because encoded ``/`` and ``\\`` are refused).
+    A trailing ``/`` stays in ``path`` and adds no empty segment.
     """
 
     path: str
     query: str
     segments: tuple[str, ...]
-
-    @property
-    def trailing_slash(self) -> bool:
-        """Whether the path ended in '/', which ``segments`` alone cannot show."""
-        return len(self.path) > 1 and self.path.endswith("/")
-
-
-def validate_request(request: BaseRequest) -> SafeTarget:
-    """Check an aiohttp request by its raw request-target, never its decoded path."""
-    return validate_target(request.method, request.raw_path)
 
 
 def validate_target(method: str, raw_target: str) -> SafeTarget:

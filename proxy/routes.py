@@ -23,7 +23,7 @@ GET is (a HEAD is a GET without a body and needs the same scopes).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from enum import IntEnum
 from typing import Final
@@ -38,7 +38,6 @@ __all__ = [
     "Pattern",
     "RouteTable",
     "Seg",
-    "accepts_method",
     "parse_pattern",
     "pattern_covers",
     "shadowed_routes",
@@ -67,15 +66,6 @@ class Pattern:
 
     text: str
     parts: tuple[tuple[Seg, str], ...]
-
-    def matches(self, segments: Sequence[str]) -> bool:
-        """Reference (trie-free) matcher; the trie must agree with it."""
-        for pos, (kind, value) in enumerate(self.parts):
-            if kind is Seg.REST:
-                return True
-            if pos >= len(segments) or (kind is Seg.LITERAL and segments[pos] != value):
-                return False
-        return len(segments) == len(self.parts)
 
     def bind(self, segments: Sequence[str]) -> dict[str, str]:
         """The ``{name}`` values of a matching path, for ``explain`` output."""
@@ -114,12 +104,6 @@ def _parse_segment(seg: str, pos: int, count: int) -> tuple[Seg, str]:
         what = what or ("'*' must be a whole segment" if bad.group() == "*" else f"character {bad.group()!r}")
         raise ValueError(f"segment {pos} {seg!r}: {what}")
     return Seg.LITERAL, seg
-
-
-def accepts_method(methods: Iterable[str], method: str) -> bool:
-    """Whether a route with ``methods`` takes ``method``; HEAD rides on GET."""
-    methods = frozenset(methods)
-    return ANY_METHOD in methods or method in methods or (method == "HEAD" and "GET" in methods)
 
 
 def _effective(methods: frozenset[str]) -> frozenset[str] | None:

@@ -10,6 +10,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.app import ProxyServer
 from proxy.config import parse_config
@@ -101,6 +102,13 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    """A default client session for the token layer under test (source, verifier, manager) to call with."""
+    async with aiohttp.ClientSession() as client:
+        yield client
+
+
 async def emulator_stats(session: aiohttp.ClientSession, emulator: EmulatorServer) -> dict[str, Any]:
     async with session.get(emulator.url + "/_emulator/stats") as resp:
         return await resp.json()
@@ -149,3 +157,32 @@ async def fixed_upstream(response: bytes) -> AsyncIterator[str]:
         yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
     finally:
         server.close()
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+class Scrape:
+    """One parsed ``/metrics`` answer: ``value(sample_name, **labels)``; absent series read 0."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.samples: Samples = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                self.samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+
+    def value(self, name: str, **labels: str) -> float:
+        return self.samples.get((name, frozenset(labels.items())), 0.0)
+
+    def series(self, name: str) -> list[dict[str, str]]:
+        return [dict(labels) for (n, labels) in self.samples if n == name]
+
+
+async def scrape(http: aiohttp.ClientSession, proxy: ProxyServer | str) -> Scrape:
+    """GET the admin listener's ``/metrics`` (a server's, or at an admin URL), parsed as Prometheus does."""
+    admin = proxy if isinstance(proxy, str) else proxy.admin_url
+    async with http.get(admin + "/metrics") as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/plain; version=")
+        return Scrape(await resp.text())

@@ -13,9 +13,9 @@ import pytest
 from proxy.admin import endpoint_failing
 from proxy.app import ProxyServer
 from proxy.emulator.app import EmulatorServer
-from tests.proxy_fixtures import TEST_ROUTES, StartProxy, emulator_stats, set_faults
-from tests.test_metrics import eventually, get, scrape
-from tests.test_rotation import SecretVolume, secret_file_config
+from tests.helpers import eventually, get
+from tests.proxy_fixtures import TEST_ROUTES, StartProxy, emulator_stats, scrape, set_faults
+from tests.secret_volume import SecretVolume, secret_file_config
 
 DECISION = "/partner/v1/decisions/dec_demo_001"
 ACCOUNT = "/partner/v1/accounts/acc_demo_001"

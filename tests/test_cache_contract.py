@@ -33,20 +33,13 @@ from proxy.tokens.model import CacheKey, Credentials, Token
 from proxy.tokens.redis_cache import RedisTokenCache
 from proxy.tokens.source import TokenSource
 from tests.at_rest import assert_sealed
+from tests.helpers import FakeClock
 from tests.proxy_fixtures import emulator_stats
 from tests.redis_fixtures import MakeRedis, RedisServer
 
 AUD = "partner/v1"
 DECISIONS = ("decisions:read",)
 JWT_LIKE = "eyJhbGciOiJFUzI1NiIsImtpZCI6ImsxIn0.eyJzY29wZSI6ImRlY2lzaW9uczpyZWFkIn0.c2lnbmF0dXJl"
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def new_key_file(path: Path, *kids: str) -> str:
@@ -299,12 +292,6 @@ async def test_with_a_key_redis_holds_no_readable_token(store: Store) -> None:
 
 
 # ------------------------------------------------------------------ two tiers
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
-
-
 class CountingStore:
     """A ``TokenCache`` over a real store that counts ``get`` calls (to prove memory hits stay local)."""
 

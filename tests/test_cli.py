@@ -17,22 +17,11 @@ import yaml
 
 from proxy import __version__
 from proxy.emulator.app import EmulatorServer
+from tests.helpers import cli
 from tests.proxy_fixtures import StartProxy, base_config, merge
 from tests.redis_fixtures import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "proxy", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, **(env or {})},
-        cwd=ROOT,
-        check=False,
-    )
 
 
 def test_version() -> None:

@@ -275,17 +275,21 @@ def kustomization_dirs() -> list[Path]:
 
 
 def test_every_kustomization_reference_exists() -> None:
+    resources = generator_files = 0
     for directory in kustomization_dirs():
         kust = yaml.safe_load((directory / "kustomization.yaml").read_text())
         for entry in kust.get("resources", []):
+            resources += 1
             target = (directory / entry).resolve()
             assert target.is_file() or (target / "kustomization.yaml").is_file(), (
                 f"{directory / 'kustomization.yaml'}: resource {entry} does not exist"
             )
         for gen in kust.get("configMapGenerator", []) + kust.get("secretGenerator", []):
             for spec in gen.get("files", []):
+                generator_files += 1
                 source = spec.split("=", 1)[-1]
                 assert (directory / source).is_file(), f"{directory}: generator file {source} does not exist"
+    assert resources > 0 and generator_files > 0  # the loops above checked something
 
 
 def test_every_file_under_deploy_k8s_is_used_by_the_kustomization() -> None:
@@ -305,12 +309,16 @@ def test_no_secret_is_shipped_in_the_kustomization() -> None:
     """A placeholder Secret applied with -k would overwrite the real one."""
     kinds = {d["kind"] for d in kustomize_manifests()}
     assert "Secret" not in kinds
-    for directory in kustomization_dirs():
+    directories = kustomization_dirs()
+    assert directories
+    for directory in directories:
         assert not yaml.safe_load((directory / "kustomization.yaml").read_text()).get("secretGenerator")
 
 
 def test_manifests_are_namespace_agnostic() -> None:
-    for ident, doc in all_manifests():
+    manifests = all_manifests()
+    assert manifests
+    for ident, doc in manifests:
         assert "namespace" not in doc["metadata"], f"{ident}: set the namespace at apply time"
 
 
@@ -346,9 +354,10 @@ def rendered() -> list[dict[str, Any]]:
 
 
 def test_kustomize_output_matches_the_kubernetes_schema(rendered: list[dict[str, Any]]) -> None:
-    for doc in rendered:
-        if doc["kind"] not in CRD_KINDS:
-            schema_validate(doc, f"kustomize:{doc['kind']}/{doc['metadata']['name']}")
+    checked = [doc for doc in rendered if doc["kind"] not in CRD_KINDS]
+    assert checked
+    for doc in checked:
+        schema_validate(doc, f"kustomize:{doc['kind']}/{doc['metadata']['name']}")
 
 
 def test_kustomize_output_wires_the_generated_config_and_dashboard(rendered: list[dict[str, Any]]) -> None:
@@ -375,7 +384,9 @@ def test_every_container_is_locked_down(ident: str, doc: dict[str, Any]) -> None
     assert pod_sc.get("runAsNonRoot") is True, ident
     assert pod_sc.get("seccompProfile", {}).get("type") == "RuntimeDefault", ident
     tmp_volumes = {v["name"] for v in spec.get("volumes", []) if "emptyDir" in v}
-    for c in all_containers(spec):
+    containers = all_containers(spec)
+    assert containers, ident
+    for c in containers:
         where = f"{ident} container {c['name']}"
         sc = c.get("securityContext", {})
         assert sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is True, where
@@ -403,7 +414,9 @@ def test_service_accounts_mount_no_token() -> None:
     for sa in accounts:
         assert sa.get("automountServiceAccountToken") is False, sa["metadata"]["name"]
     names = {sa["metadata"]["name"] for sa in accounts}
-    for ident, doc in workloads():
+    pods = workloads()
+    assert pods
+    for ident, doc in pods:
         assert pod_spec(doc).get("serviceAccountName") in names, f"{ident}: its own ServiceAccount"
 
 
@@ -441,10 +454,13 @@ def test_the_app_reaches_the_proxy_on_loopback_and_holds_no_credential() -> None
 
 def test_secrets_are_mounted_as_whole_directories_for_rotation() -> None:
     """subPath mounts are never updated by the kubelet: a rotated secret would not arrive."""
+    mounts = 0
     for ident, doc in workloads():
         for c in all_containers(pod_spec(doc)):
             for m in c.get("volumeMounts", []):
+                mounts += 1
                 assert "subPath" not in m and "subPathExpr" not in m, f"{ident} {c['name']}: {m['name']}"
+    assert mounts > 0  # the loops above checked something
 
 
 def test_config_file_paths_point_into_the_mounted_volumes() -> None:
@@ -476,7 +492,9 @@ def test_config_file_paths_point_into_the_mounted_volumes() -> None:
     config_dir = args[args.index("-c") + 1].rpartition("/")[0] if "-c" in args else "/etc/credicorp-proxy"
     assert mounts["proxy-config"] == config_dir
     assert host_port(config["admin_listen"]) == ("0.0.0.0", named_port(proxy, "admin"))
-    for name in {"CC_CLIENT_ID"} & set(re.findall(r"\$\{(\w+)\}", PROXY_CONFIG.read_text())):
+    referenced = {"CC_CLIENT_ID"} & set(re.findall(r"\$\{(\w+)\}", PROXY_CONFIG.read_text()))
+    assert referenced, "the pod config takes its client id from ${CC_CLIENT_ID}"
+    for name in referenced:
         assert name in {e["name"] for e in proxy.get("env", [])}, f"${{{name}}} is not set on the proxy"
 
 
@@ -545,6 +563,7 @@ def test_egress_policy_allows_only_redis_dns_and_public_https() -> None:
     assert policy["spec"]["policyTypes"] == ["Egress"]
     ports = {(p["protocol"], p["port"]) for rule in policy["spec"]["egress"] for p in rule["ports"]}
     assert ports == {("TCP", 6379), ("UDP", 53), ("TCP", 53), ("TCP", 443)}
+    address_ranges = 0
     for rule in policy["spec"]["egress"]:
         assert rule.get("to"), "every egress rule names its destination"
         blocks = [peer["ipBlock"] for peer in rule["to"] if "ipBlock" in peer]
@@ -552,6 +571,7 @@ def test_egress_policy_allows_only_redis_dns_and_public_https() -> None:
             continue
         assert {p["port"] for p in rule["ports"]} == {443}, "open address ranges only for HTTPS"
         for block in blocks:
+            address_ranges += 1
             excluded = [ipaddress.ip_network(c) for c in block.get("except", [])]
             private = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16")
             if ipaddress.ip_network(block["cidr"]).version == 4:
@@ -559,6 +579,7 @@ def test_egress_policy_allows_only_redis_dns_and_public_https() -> None:
                     assert ipaddress.ip_network(net) in excluded, f"{net} must be excluded"
             else:
                 assert ipaddress.ip_network("fc00::/7") in excluded
+    assert address_ranges > 0  # the public HTTPS rule's ranges were checked
 
 
 def test_disruption_budget_and_pod_monitor_select_the_proxy_pods() -> None:
@@ -677,6 +698,7 @@ def test_dockerignore_sends_only_what_the_build_needs() -> None:
     for instruction, args in (x for stage in dockerfile_stages() for x in stage):
         if instruction == "COPY" and "--from" not in args:
             copied.update(args.split()[:-1])
+    assert copied
     for source in copied:
         source = source.rstrip("/")
         assert f"!{source}" in lines or f"!{source}/" in lines, f"{source} is COPYed but ignored"
@@ -726,10 +748,12 @@ def test_alert_rules_are_complete_and_use_only_real_metrics() -> None:
 
 def test_alerts_and_dashboard_use_only_labels_the_metrics_have() -> None:
     labels = metric_series_labels()
-    for rule in alert_rules():
+    rules, exprs = alert_rules(), dashboard_exprs()
+    assert rules and exprs
+    for rule in rules:
         bad = unknown_labels(rule["expr"], labels)
         assert not bad, f"{rule['alert']} uses labels its metrics do not have: {bad}"
-    for expr in dashboard_exprs():
+    for expr in exprs:
         bad = unknown_labels(expr, labels)
         assert not bad, f"dashboard query uses labels its metrics do not have: {bad} in {expr}"
 
@@ -1022,14 +1046,18 @@ def test_dashboard_is_valid_and_uses_only_real_metrics() -> None:
 def test_every_metric_an_alert_uses_has_a_dashboard_panel() -> None:
     """Whoever gets paged can see the series the alert fired on."""
     on_dashboard = set().union(*(referenced_metrics(e) for e in dashboard_exprs()))
-    for rule in alert_rules():
+    rules = alert_rules()
+    assert rules
+    for rule in rules:
         missing = referenced_metrics(rule["expr"]) - on_dashboard
         assert not missing, f"{rule['alert']} uses {missing}, which no dashboard panel shows"
 
 
 def test_dashboard_panels_do_not_overlap() -> None:
     cells: dict[tuple[int, int], str] = {}
-    for p in dashboard_panels():
+    panels = dashboard_panels()
+    assert panels
+    for p in panels:
         g = p["gridPos"]
         assert g["x"] + g["w"] <= 24, p["title"]
         for x in range(g["x"], g["x"] + g["w"]):

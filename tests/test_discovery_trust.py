@@ -40,9 +40,8 @@ from proxy.tokens.discovery_trust import (
     default_patterns,
     host_matches,
 )
-from tests.proxy_fixtures import StartProxy, base_config
+from tests.proxy_fixtures import StartProxy, base_config, scrape
 from tests.redis_fixtures import TlsFiles
-from tests.test_metrics import scrape
 
 DECISION = "/partner/v1/decisions/dec_demo_001"
 SECRET = "demo-secret"  # base_config's client_secret

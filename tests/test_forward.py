@@ -13,6 +13,7 @@ import pytest
 
 from proxy.emulator.api import statement_bytes
 from proxy.emulator.app import EmulatorServer
+from tests.helpers import eventually, get, sample
 from tests.proxy_fixtures import (
     StartProxy,
     emulator_requests,
@@ -261,26 +262,20 @@ async def test_concurrent_cold_requests_mint_once_per_scope_set(
 ) -> None:
     proxy = await start_proxy()
     urls = [proxy.proxy_url + DECISION, proxy.proxy_url + "/partner/v1/accounts/acc_demo_001"] * 50
-    statuses = await asyncio.gather(*(_status(http, url) for url in urls))
+    statuses = await asyncio.gather(*(get(http, url) for url in urls))
     assert statuses == [200] * 100
     stats = await emulator_stats(http, emulator)
     assert stats["tokens_by_scope"] == {"decisions:read": 1, "accounts:read": 1}
-
-
-async def _status(http: aiohttp.ClientSession, url: str) -> int:
-    async with http.get(url) as resp:
-        await resp.read()
-        return resp.status
 
 
 async def test_401_purges_mints_once_and_retries_once(
     start_proxy: StartProxy, http: aiohttp.ClientSession, emulator: EmulatorServer
 ) -> None:
     proxy = await start_proxy()
-    assert await _status(http, proxy.proxy_url + DECISION) == 200
+    assert await get(http, proxy.proxy_url + DECISION) == 200
     async with http.post(emulator.url + "/_emulator/revoke-all") as resp:
         assert resp.status == 200
-    statuses = await asyncio.gather(*(_status(http, proxy.proxy_url + DECISION) for _ in range(20)))
+    statuses = await asyncio.gather(*(get(http, proxy.proxy_url + DECISION) for _ in range(20)))
     assert statuses == [200] * 20
     assert (await emulator_stats(http, emulator))["tokens_by_scope"] == {"decisions:read": 2}
     assert b'ccp_upstream_401_retries_total{outcome="success"}' in proxy.runtime.metrics.exposition()
@@ -290,7 +285,7 @@ async def test_second_401_goes_back_to_the_client(
     start_proxy: StartProxy, http: aiohttp.ClientSession, emulator: EmulatorServer
 ) -> None:
     proxy = await start_proxy()
-    assert await _status(http, proxy.proxy_url + DECISION) == 200
+    assert await get(http, proxy.proxy_url + DECISION) == 200
     await set_faults(http, emulator, api_status=401, api_count=2)
     async with http.get(proxy.proxy_url + DECISION) as resp:
         assert resp.status == 401
@@ -312,9 +307,9 @@ async def test_a_401_on_a_token_minted_during_the_request_is_not_retried_even_wh
     """
     proxy = await start_proxy()
     await set_faults(http, emulator, token_latency_ms=400, api_status=401, api_count=2)
-    first = asyncio.create_task(_status(http, proxy.proxy_url + DECISION))
+    first = asyncio.create_task(get(http, proxy.proxy_url + DECISION))
     await asyncio.sleep(0.15)
-    joined = asyncio.create_task(_status(http, proxy.proxy_url + DECISION))
+    joined = asyncio.create_task(get(http, proxy.proxy_url + DECISION))
     assert await asyncio.gather(first, joined) == [401, 401]
     assert (await emulator_stats(http, emulator))["tokens_issued"] == 1
     counted = proxy.runtime.metrics.registry.get_sample_value
@@ -384,7 +379,7 @@ async def test_upstream_timeout_is_504(
     start_proxy: StartProxy, http: aiohttp.ClientSession, emulator: EmulatorServer
 ) -> None:
     proxy = await start_proxy({"upstream": {"timeout_s": 0.5, "read_timeout_s": 0.5}})
-    assert await _status(http, proxy.proxy_url + DECISION) == 200
+    assert await get(http, proxy.proxy_url + DECISION) == 200
     await set_faults(http, emulator, api_latency_ms=3000)
     async with http.get(proxy.proxy_url + DECISION) as resp:
         assert resp.status == 504
@@ -437,14 +432,14 @@ async def test_upstream_drop_mid_body_resets_the_client(
     expected: tuple[type[Exception], ...],
 ) -> None:
     proxy = await start_proxy({"upstream": {"response_buffer_bytes": buffer_bytes}})
-    assert await _status(http, proxy.proxy_url + DECISION) == 200
+    assert await get(http, proxy.proxy_url + DECISION) == 200
     # Two drops: aiohttp's client resends a GET once when the server closes before answering.
     await set_faults(http, emulator, api_drop="after_headers", api_drop_count=2)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as fresh:
         with pytest.raises(expected):
             async with fresh.get(proxy.proxy_url + DECISION) as resp:
                 await resp.read()
-    assert proxy.runtime.metrics.in_flight._value.get() == 0
+    assert sample(proxy.runtime.metrics, "ccp_in_flight_requests") == 0
 
 
 async def test_upstream_drop_after_the_head_was_relayed_is_a_tcp_reset_not_an_eof(
@@ -453,7 +448,7 @@ async def test_upstream_drop_after_the_head_was_relayed_is_a_tcp_reset_not_an_eo
     """Once the head is out, only a reset tells a client that reads to EOF (a close-delimited
     or HTTP/1.0 reader) that the body is incomplete: a plain close would send a clean FIN."""
     proxy = await start_proxy({"upstream": {"response_buffer_bytes": 0}})  # stream: the head goes first
-    assert await _status(http, proxy.proxy_url + DECISION) == 200
+    assert await get(http, proxy.proxy_url + DECISION) == 200
     await set_faults(http, emulator, api_drop="after_headers", api_drop_count=2)
     reader, writer = await open_connection(proxy.proxy_url)
     writer.write(f"GET {DECISION} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
@@ -487,19 +482,17 @@ async def test_client_going_away_cancels_the_upstream_request(
     start_proxy: StartProxy, http: aiohttp.ClientSession, emulator: EmulatorServer
 ) -> None:
     proxy = await start_proxy()
-    assert await _status(http, proxy.proxy_url + DECISION) == 200
+    assert await get(http, proxy.proxy_url + DECISION) == 200
     await set_faults(http, emulator, api_latency_ms=10_000)
     with pytest.raises(asyncio.TimeoutError):
         async with http.get(proxy.proxy_url + DECISION, timeout=aiohttp.ClientTimeout(total=0.3)):
             pass
-    for _ in range(50):
-        if proxy.runtime.metrics.in_flight._value.get() == 0:
-            break
-        await asyncio.sleep(0.05)
-    assert proxy.runtime.metrics.in_flight._value.get() == 0
+    await eventually(
+        lambda: sample(proxy.runtime.metrics, "ccp_in_flight_requests") == 0, within=2.5, every=0.05
+    )
     # The abandoned request is still counted (as 499 client_gone), not silently lost.
-    gone = proxy.runtime.metrics.requests.labels("decisions.read", "GET", "499")
-    assert gone._value.get() == 1
+    gone = {"route": "decisions.read", "method": "GET", "code": "499"}
+    assert sample(proxy.runtime.metrics, "ccp_requests_total", **gone) == 1
 
 
 async def test_body_over_the_limit_is_413(start_proxy: StartProxy, http: aiohttp.ClientSession) -> None:
@@ -525,9 +518,9 @@ async def test_cached_token_keeps_serving_while_the_token_endpoint_is_down(
     start_proxy: StartProxy, http: aiohttp.ClientSession, emulator: EmulatorServer
 ) -> None:
     proxy = await start_proxy()
-    assert await _status(http, proxy.proxy_url + DECISION) == 200
+    assert await get(http, proxy.proxy_url + DECISION) == 200
     await set_faults(http, emulator, token_status=503, token_count=100)
-    assert await _status(http, proxy.proxy_url + DECISION) == 200
+    assert await get(http, proxy.proxy_url + DECISION) == 200
 
 
 async def test_invalid_client_is_503_credentials_rejected(
@@ -554,7 +547,7 @@ async def test_invalid_scope_is_500_scope_not_granted(
     proxy = await start_proxy(
         {"auth": {"client_id": "cc_client_narrow", "client_secret": "s3cret"}}, emulator_url=narrow.url
     )
-    assert await _status(http, proxy.proxy_url + DECISION) == 200
+    assert await get(http, proxy.proxy_url + DECISION) == 200
     async with http.get(proxy.proxy_url + "/partner/v1/accounts/acc_demo_001") as resp:
         assert resp.status == 500
         assert resp.headers["X-Credicorp-Proxy-Error"] == "scope_not_granted"

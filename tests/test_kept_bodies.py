@@ -11,8 +11,6 @@ is the proxy process's VmRSS (everything runs in this process).
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import gc
 import hashlib
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -23,29 +21,11 @@ import pytest
 
 from proxy.app import ProxyServer
 from proxy.emulator.app import EmulatorServer
+from tests.helpers import eventually, rss_bytes
 from tests.proxy_fixtures import StartProxy, emulator_requests, emulator_stats, open_connection, set_faults
 
 DOC = "/partner/v1/applications/app_demo_001/documents"
 MiB = 1024 * 1024
-
-
-def rss_mib() -> float:
-    """VmRSS of this process after a full collection and ``malloc_trim``: memory really held."""
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS in /proc/self/status")
-
-
-async def eventually(check: Callable[[], bool], within: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not check():
-        assert loop.time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 def kept_gauge(proxy: ProxyServer) -> float:
@@ -137,7 +117,7 @@ async def test_concurrent_uploads_to_a_slow_api_hold_no_more_than_the_budget(
     assert (await upload(proxy.proxy_url, body)).startswith(b"HTTP/1.1 201 ")  # warm: token, pools
     held_upstream.release.clear()
     held_upstream.arrived, held_upstream.bodies = 0, []
-    before = rss_mib()
+    before = rss_bytes(settle=True) / MiB
 
     flood = [asyncio.create_task(upload(proxy.proxy_url, body)) for _ in range(uploads)]
     await eventually(lambda: held_upstream.arrived == uploads, within=30)  # every request is at the API
@@ -145,7 +125,7 @@ async def test_concurrent_uploads_to_a_slow_api_hold_no_more_than_the_budget(
     # Streamed uploads keep filling their socket buffers for a moment; measuring after that
     # only makes the number larger (the bound holds either way).
     await asyncio.sleep(0.2)
-    grown = rss_mib() - before
+    grown = rss_bytes(settle=True) / MiB - before
     kept = kept_gauge(proxy)
     held_upstream.release.set()
     answers = await asyncio.gather(*flood)

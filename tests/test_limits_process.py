@@ -27,9 +27,9 @@ import pytest
 import yaml
 
 from proxy.emulator.app import EmulatorServer
+from tests.helpers import eventually
 from tests.proxy_fixtures import base_config, merge, open_connection
 from tests.redis_fixtures import free_port
-from tests.test_metrics import eventually
 
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 30.0

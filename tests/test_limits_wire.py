@@ -18,8 +18,6 @@ the pure-Python parser (``tests/parsers.py``).
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import gc
 import json
 import os
 import sys
@@ -36,15 +34,17 @@ from proxy.app import ProxyServer
 from proxy.config import parse_config
 from proxy.emulator.app import EmulatorServer
 from proxy.errors import ConfigError
+from tests.helpers import eventually, rss_bytes
 from tests.parsers import check_expected_parser, parser_kind, rerun_under_pure_python
 from tests.proxy_fixtures import (
+    Scrape,
     StartProxy,
     base_config,
     emulator_requests,
     emulator_stats,
     open_connection,
+    scrape,
 )
-from tests.test_metrics import Scrape, eventually, scrape
 
 ROOT = Path(__file__).resolve().parent.parent
 INNER_ENV = "CCP_LIMITS_WIRE_PARSER"
@@ -128,20 +128,6 @@ async def assert_api_untouched(http: aiohttp.ClientSession, emulator: EmulatorSe
     assert (await emulator_stats(http, emulator))["tokens_by_scope"] == {}
 
 
-def rss_bytes() -> int:
-    """VmRSS of this process: the proxy runs in it."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS in /proc/self/status")
-
-
-def settle_heap() -> None:
-    """Collect garbage and hand free heap back to the OS, so a baseline is not inflated by earlier tests."""
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 @pytest.fixture
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     """A client that never reuses a connection: the proxy closes idle ones after half a second here."""
@@ -165,8 +151,7 @@ async def test_header_bomb_of_50_connections_leaves_memory_flat(
     The attack runs in a child process, so only the proxy's memory is in this process's RSS.
     """
     proxy = await start_proxy()  # the default limits: 32 KiB of head, 100 fields
-    settle_heap()
-    before = rss_bytes()
+    before = rss_bytes(settle=True)
     attacker = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tests.bench.attack_bench", "bomb", url_of(proxy, listener),
         "--connections", "50", "--lines", "100",
@@ -175,7 +160,7 @@ async def test_header_bomb_of_50_connections_leaves_memory_flat(
     assert attacker.stdin is not None and attacker.stdout is not None
     try:
         report = json.loads(await asyncio.wait_for(attacker.stdout.readline(), 60))
-        growth = rss_bytes() - before  # while the attack's connections are still open
+        growth = rss_bytes(settle=False) - before  # while the attack's connections are still open
     finally:
         attacker.stdin.close()
         await asyncio.wait_for(attacker.wait(), 30)

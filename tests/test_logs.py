@@ -37,9 +37,9 @@ from proxy.logs import (
 from proxy.settings import AuthSettings, Settings
 from proxy.tokens.credentials import CredentialProvider
 from proxy.tokens.model import CacheKey, Credentials, Token
+from tests.helpers import eventually, get
 from tests.proxy_fixtures import StartProxy, emulator_requests, set_faults
-from tests.test_metrics import eventually, get
-from tests.test_rotation import (
+from tests.secret_volume import (
     CLIENT_ID,
     SecretVolume,
     add_emulator_secret,

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator
-from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
@@ -19,41 +16,12 @@ from proxy.tokens.credentials import CredentialProvider
 from proxy.tokens.manager import TokenManager
 from proxy.tokens.model import Token
 from proxy.tokens.source import TokenSource
+from tests.helpers import FakeClock, eventually
 from tests.proxy_fixtures import emulator_stats, set_faults
+from tests.token_layer import make_manager
 
 DECISIONS = ("decisions:read",)
 AUD = "partner/v1"
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
-
-
-def make_manager(
-    emulator: EmulatorServer,
-    session: aiohttp.ClientSession,
-    clock: FakeClock,
-    metrics: Metrics | None = None,
-    **refresh: float,
-) -> TokenManager:
-    auth = AuthSettings(
-        issuer=emulator.url, client_id="cc_client_demo", client_secret="demo-secret", verify=False
-    )
-    creds = CredentialProvider(auth.client_id, secret=auth.client_secret)
-    metrics = metrics or Metrics()
-    source = TokenSource(auth, creds, session, clock=clock, metrics=metrics)
-    policy = replace(RefreshSettings(jitter_s=0.0), **refresh)
-    return TokenManager(source, creds, refresh=policy, clock=clock, metrics=metrics)
 
 
 def token(issued: float, lifetime: float) -> Token:
@@ -90,10 +58,7 @@ async def test_stale_token_is_served_while_a_refresh_runs_behind_it(
     first = await manager.get(DECISIONS, AUD)
     clock.now += 3300  # past 90 % of 3600 s
     assert (await manager.get(DECISIONS, AUD)).same_as(first)  # no waiting on the endpoint
-    for _ in range(100):
-        if manager.memory.peek(manager.key_for(DECISIONS, AUD)) is not first:
-            break
-        await asyncio.sleep(0.02)
+    await eventually(lambda: manager.memory.peek(manager.key_for(DECISIONS, AUD)) is not first, within=2)
     assert not (await manager.get(DECISIONS, AUD)).same_as(first)
     assert (await emulator_stats(session, emulator))["tokens_issued"] == 2
 

@@ -8,67 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import time
 import uuid
-from collections.abc import Awaitable, Callable
-from typing import Any
 
 import aiohttp
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import __version__
-from proxy.app import ProxyServer
 from proxy.emulator.app import EmulatorServer
-from tests.proxy_fixtures import TEST_ROUTES, StartProxy, fixed_upstream, set_faults
+from tests.helpers import eventually, get
+from tests.proxy_fixtures import TEST_ROUTES, StartProxy, fixed_upstream, scrape, set_faults
 
 DECISION = "/partner/v1/decisions/dec_demo_001"
 APPLICATION = "/partner/v1/applications/app_demo_001"
 ACCOUNT = "/partner/v1/accounts/acc_demo_001"
 IDENTITY = "/partner/v1/identity/verifications/idv_demo_001"  # routed with accounts:read on purpose
-
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-class Scrape:
-    """One parsed ``/metrics`` answer: ``value(sample_name, **labels)``; absent series read 0."""
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-        self.samples: Samples = {}
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                self.samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
-
-    def value(self, name: str, **labels: str) -> float:
-        return self.samples.get((name, frozenset(labels.items())), 0.0)
-
-    def series(self, name: str) -> list[dict[str, str]]:
-        return [dict(labels) for (n, labels) in self.samples if n == name]
-
-
-async def scrape(http: aiohttp.ClientSession, proxy: ProxyServer | str) -> Scrape:
-    admin = proxy if isinstance(proxy, str) else proxy.admin_url
-    async with http.get(admin + "/metrics") as resp:
-        assert resp.status == 200
-        assert resp.headers["Content-Type"].startswith("text/plain; version=")
-        return Scrape(await resp.text())
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], within: float = 10.0, every: float = 0.05) -> None:
-    """Poll ``check`` until it holds; fails the test after ``within`` s (a bound, not a speed claim)."""
-    deadline = time.monotonic() + within
-    while not await check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {within}s")
-        await asyncio.sleep(every)
-
-
-async def get(http: aiohttp.ClientSession, url: str, **kwargs: Any) -> int:
-    async with http.get(url, **kwargs) as resp:
-        await resp.read()
-        return resp.status
-
 
 # --------------------------------------------------------------- requests
 

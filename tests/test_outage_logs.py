@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
@@ -21,10 +20,13 @@ import pytest
 from proxy.emulator.app import EmulatorServer
 from proxy.metrics import Metrics
 from tests.conftest import MakeEmulator
+from tests.helpers import FakeClock, eventually
 from tests.proxy_fixtures import StartProxy, emulator_stats, set_faults
-from tests.test_manager import AUD, DECISIONS, FakeClock, make_manager
+from tests.token_layer import make_manager
 
 DECISION = "/partner/v1/decisions/dec_demo_001"
+DECISIONS = ("decisions:read",)
+AUD = "partner/v1"
 
 
 @pytest.fixture
@@ -32,12 +34,6 @@ async def emulator(make_emulator: MakeEmulator) -> EmulatorServer:
     """Without the 10/s limit: the fake clock packs minutes of backoff into real milliseconds, and
     the emulator's limit runs on real time (it would answer 429s the proxy never provoked)."""
     return await make_emulator(rate_limit=None)
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
 
 
 def _serve_stale_warnings(caplog: pytest.LogCaptureFixture) -> int:
@@ -159,8 +155,5 @@ async def test_an_outage_under_load_through_the_proxy_stays_quiet_and_every_requ
         stats.update(await emulator_stats(http, emulator))
         return stats["tokens_issued"] == 2
 
-    for _ in range(500):
-        if await refreshed():
-            break
-        await asyncio.sleep(0.01)
+    await eventually(refreshed, within=5, every=0.01)
     assert stats["tokens_issued"] == 2

@@ -14,7 +14,7 @@ from aiohttp.test_utils import make_mocked_request
 
 import proxy.paths
 from proxy.errors import BadRequest
-from proxy.paths import MAX_SEGMENTS, MAX_TARGET_LENGTH, SafeTarget, validate_request, validate_target
+from proxy.paths import MAX_SEGMENTS, MAX_TARGET_LENGTH, SafeTarget, validate_target
 
 # RFC 3986 pchar minus ';' (and '%', which is handled as an escape): the only raw path characters.
 PLAIN_CHARS = frozenset(string.ascii_letters + string.digits + "-._~!$&'()*+,=:@")
@@ -70,11 +70,11 @@ def test_ordinary_methods_are_accepted(method: str) -> None:
     assert validate_target(method, "/a").segments == ("a",)
 
 
-def test_trailing_slash_is_kept_in_path_and_reported_but_adds_no_empty_segment() -> None:
+def test_trailing_slash_is_kept_in_the_forwarded_path_but_adds_no_empty_segment() -> None:
     with_slash, without = validate_target("GET", "/a/b/"), validate_target("GET", "/a/b")
     assert with_slash.segments == without.segments == ("a", "b")
-    assert with_slash.trailing_slash and not without.trailing_slash
-    assert not validate_target("GET", "/").trailing_slash
+    assert (with_slash.path, without.path) == ("/a/b/", "/a/b")
+    assert validate_target("GET", "/") == SafeTarget("/", "", ())  # the root: no segment at all
 
 
 def test_safe_target_is_immutable() -> None:
@@ -284,7 +284,7 @@ def test_description_quotes_at_most_a_short_snippet() -> None:
     assert len(caught.value.description) < 200
 
 
-# --------------------------------------------------------------------------- validate_request
+# --------------------------------------------------------------------------- aiohttp requests
 
 
 @pytest.mark.parametrize(
@@ -295,16 +295,17 @@ def test_description_quotes_at_most_a_short_snippet() -> None:
         ("*", "asterisk-form"),
     ],
 )
-def test_validate_request_uses_the_raw_target_not_aiohttps_decoded_path(target: str, reason: str) -> None:
+def test_an_aiohttp_request_is_checked_by_its_raw_target_not_its_path(target: str, reason: str) -> None:
+    """What the forwarder passes: ``request.raw_path`` keeps what ``request.path`` hides."""
     request = make_mocked_request("GET", target)
     assert request.path.startswith(("/", "*"))  # aiohttp's decoded view looks harmless...
     with pytest.raises(BadRequest, match=reason):
-        validate_request(request)
+        validate_target(request.method, request.raw_path)
 
 
-def test_validate_request_accepts_a_plain_request() -> None:
+def test_a_plain_aiohttp_request_is_accepted_by_its_raw_target() -> None:
     request = make_mocked_request("POST", "/partner/v1/applications/app%20x?x=1")
-    assert validate_request(request) == SafeTarget(
+    assert validate_target(request.method, request.raw_path) == SafeTarget(
         "/partner/v1/applications/app%20x", "x=1", ("partner", "v1", "applications", "app x")
     )
 

@@ -23,9 +23,9 @@ from proxy.redact import mask_secrets_in, mask_url
 from proxy.settings import CacheSettings
 from proxy.tokens.model import CacheKey, Credentials
 from proxy.tokens.redis_cache import RedisTokenCache
+from tests.helpers import cli
 from tests.proxy_fixtures import base_config
 from tests.redis_fixtures import HOST, MakeRedis, free_port
-from tests.test_cli import cli
 
 PW = "Hunter2-S3cr3t"
 

@@ -10,9 +10,8 @@ import asyncio
 import base64
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -22,6 +21,7 @@ from proxy.settings import CacheSettings
 from proxy.tokens.model import CacheKey, Credentials, Token
 from proxy.tokens.redis_cache import BREAKER_S, RedisTokenCache
 from proxy.tokens.sealing import Keyring, SealingKeyError, TokenCodec, derive_kid
+from tests.helpers import eventually, sample
 from tests.redis_fixtures import ClusterSet, MakeRedis, RedisServer, SentinelSet
 
 AUD = "partner/v1"
@@ -60,10 +60,10 @@ class Caches:
         return cache
 
     def errors(self, cache: RedisTokenCache, op: str) -> float:
-        return self.made[cache].redis_errors.labels(op)._value.get()
+        return sample(self.made[cache], "ccp_redis_errors_total", op=op)
 
     def lookups(self, cache: RedisTokenCache, result: str) -> float:
-        return self.made[cache].cache_lookups.labels("redis", result)._value.get()
+        return sample(self.made[cache], "ccp_token_cache_lookups_total", tier="redis", result=result)
 
 
 @pytest.fixture
@@ -72,13 +72,6 @@ async def caches() -> AsyncIterator[Caches]:
     yield factory
     for cache in factory.made:
         await cache.close()
-
-
-async def eventually(check: Callable[[], Any], within: float = 5.0) -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
 
 
 # ------------------------------------------------------------------ key files
@@ -213,7 +206,7 @@ async def exercise(a: RedisTokenCache, b: RedisTokenCache) -> Invalidations:
     purged = await b.get(keys[1])
     assert purged is not None and await a.purge_if_same(keys[1], purged)
     assert await a.purge_all("cc_client_demo") == len(keys) - 1
-    await eventually(lambda: len(seen) == 2)
+    await eventually(lambda: len(seen) == 2, within=5)
     return seen
 
 
@@ -274,7 +267,7 @@ async def test_a_purge_reaches_other_replicas_with_its_digest_but_not_the_purger
     await a.put(key(), rejected)
     assert not await a.purge_if_same(key(), token("another"))  # not the stored one: no broadcast
     assert await a.purge_if_same(key(), rejected)
-    await eventually(lambda: at_b == [(key(), rejected.digest)])
+    await eventually(lambda: at_b == [(key(), rejected.digest)], within=5)
     await asyncio.sleep(0.1)
     assert at_a == []
 
@@ -287,7 +280,7 @@ async def test_garbage_on_the_channel_is_ignored(redis_server: RedisServer, cach
         for junk in (b"*", b"{}", b'{"o": 1}', b'{"o": "x", "k": [1]}', b"\xff"):
             raw.publish(b.channel, junk)
     await a.purge_all("cc_client_demo")
-    await eventually(lambda: seen == [(None, None)])
+    await eventually(lambda: seen == [(None, None)], within=5)
 
 
 # --------------------------------------------------------------------- leases
@@ -302,7 +295,7 @@ async def test_a_live_holder_keeps_its_lease_past_the_ttl(redis_server: RedisSer
             entered.append("a done")
 
     holder = asyncio.create_task(slow_holder())
-    await eventually(lambda: entered == ["a"])
+    await eventually(lambda: entered == ["a"], within=5)
     async with b.lease(key()):
         entered.append("b")
     await holder
@@ -385,14 +378,14 @@ async def test_a_restarted_redis_on_the_same_port_is_used_again_by_the_same_clie
     await b.start(lambda k, d: seen.append((k, d)))
     redis_server.kill()
     assert await a.get(key()) is None
-    await eventually(lambda: not b.subscribed)
+    await eventually(lambda: not b.subscribed, within=5)
     redis_server.start()
     await asyncio.sleep(BREAKER_S + 0.1)
     await a.put(key(), token())
     assert (await b.get(key())) is not None
     await eventually(lambda: b.subscribed, within=10)
     assert await a.purge_if_same(key(), token())
-    await eventually(lambda: seen == [(key(), token().digest)])
+    await eventually(lambda: seen == [(key(), token().digest)], within=5)
 
 
 async def test_start_does_not_wait_for_a_redis_that_is_down(make_redis: MakeRedis, caches: Caches) -> None:

@@ -39,10 +39,9 @@ from proxy.tokens.model import CacheKey, Credentials
 from proxy.tokens.redis_cache import RedisTokenCache
 from tests.at_rest import open_sealed
 from tests.conftest import MakeEmulator
-from tests.proxy_fixtures import base_config, merge
+from tests.helpers import cli
+from tests.proxy_fixtures import base_config, merge, scrape
 from tests.redis_fixtures import RedisServer
-from tests.test_cli import cli
-from tests.test_metrics import scrape
 
 OTHER_ID, OTHER_SECRET = "cc_client_other", "other-secret"
 OTHER_CLIENT = ClientSpec(OTHER_ID, (OTHER_SECRET,), PARTNER_SCOPES)

@@ -10,87 +10,29 @@ for real against the emulator, which follows Credicorp's two-secret roll.
 from __future__ import annotations
 
 import asyncio
-import itertools
-import os
-import shutil
 import signal
 from pathlib import Path
-from typing import Any
-from urllib.parse import quote
 
 import aiohttp
-from yarl import URL
 
 from proxy.emulator.app import EmulatorServer
 from proxy.emulator.state import secret_id
-from tests.proxy_fixtures import StartProxy, emulator_stats
-from tests.test_metrics import eventually, get, scrape
+from tests.helpers import eventually, get
+from tests.proxy_fixtures import StartProxy, emulator_stats, scrape
+from tests.proxy_process import launch_proxy
+from tests.secret_volume import (
+    CLIENT_ID,
+    SecretVolume,
+    add_emulator_secret,
+    revoke_emulator_secret,
+    secret_file_config,
+)
 
-CLIENT_ID = "cc_client_demo"
 OLD_SECRET = "demo-secret"  # the emulator's provisioned secret
 NEW_SECRET = "rotated-secret-2"
 DECISION = "/partner/v1/decisions/dec_demo_001"
 APPLICATION = "/partner/v1/applications/app_demo_001"
 ACCOUNT = "/partner/v1/accounts/acc_demo_001"
-
-
-class SecretVolume:
-    """A directory laid out like a mounted Kubernetes Secret with one key, ``client-secret``."""
-
-    _versions = itertools.count(1)
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.path = root / "client-secret"
-
-    @classmethod
-    def create(cls, root: Path, secret: str) -> SecretVolume:
-        root.mkdir(parents=True, exist_ok=True)
-        volume = cls(root)
-        volume.swap(secret)
-        volume.path.symlink_to("..data/client-secret")
-        return volume
-
-    def swap(self, secret: str) -> None:
-        """Publish ``secret`` atomically and remove the previous version, as the kubelet does."""
-        data = self.root / "..data"
-        old = data.resolve() if data.is_symlink() else None
-        version = self.root / f"..2025_01_01_00_00_{next(self._versions):02d}.000000001"
-        version.mkdir()
-        (version / "client-secret").write_text(secret + "\n")
-        staging = self.root / "..data_tmp"
-        staging.symlink_to(version.name)
-        os.replace(staging, data)
-        if old is not None:
-            shutil.rmtree(old)
-
-    def rewrite_in_place(self, secret: str) -> None:
-        """Change the content behind the path keeping inode, size and mtime (what stat() sees).
-
-        Only an explicit reload (SIGHUP) or the watcher's slow content check can notice.
-        """
-        target = self.path.resolve()
-        before = target.stat()
-        assert len(secret) + 1 == before.st_size, "same size keeps stat() unchanged"
-        with open(target, "r+") as fh:
-            fh.write(secret + "\n")
-        os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
-
-
-def secret_file_config(volume: SecretVolume, **extra: Any) -> dict[str, Any]:
-    return {"auth": {"client_secret": None, "client_secret_file": str(volume.path)}, **extra}
-
-
-async def add_emulator_secret(http: aiohttp.ClientSession, emulator: EmulatorServer, secret: str) -> None:
-    url = f"{emulator.url}/_emulator/clients/{CLIENT_ID}/secrets"
-    async with http.post(url, json={"secret": secret}) as resp:
-        assert resp.status == 201, await resp.text()
-
-
-async def revoke_emulator_secret(http: aiohttp.ClientSession, emulator: EmulatorServer, secret: str) -> None:
-    url = URL(f"{emulator.url}/_emulator/clients/{CLIENT_ID}/secrets/{quote(secret, safe='')}", encoded=True)
-    async with http.delete(url) as resp:
-        assert resp.status == 204, await resp.text()
 
 
 async def minted_with(http: aiohttp.ClientSession, emulator: EmulatorServer, secret: str) -> int:
@@ -259,8 +201,6 @@ async def test_prefetched_scope_sets_are_minted_again_with_a_rotated_secret(
 async def test_sighup_rereads_the_secret_in_a_running_process(
     http: aiohttp.ClientSession, emulator: EmulatorServer, tmp_path: Path
 ) -> None:
-    from tests.test_shutdown import launch_proxy
-
     new = "demo-secreY"
     await add_emulator_secret(http, emulator, new)
     volume = SecretVolume.create(tmp_path / "credicorp", OLD_SECRET)

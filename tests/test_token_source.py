@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import heapq
 import json
 import logging
 import random
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from email.utils import formatdate
 from pathlib import Path
@@ -40,53 +38,12 @@ from proxy.settings import AuthSettings
 from proxy.tokens.credentials import CredentialProvider
 from proxy.tokens.model import Token
 from proxy.tokens.source import TokenSource
+from tests.helpers import FakeClock, hanging_server, sample
 
 CLIENT_ID = "cc_client_demo"
 SECRET = "demo-secret"
 READ = ("decisions:read",)
 START = 1_700_000_000.0
-
-
-class FakeClock:
-    """Virtual epoch seconds: ``sleep`` waits for the clock, and a driver moves the clock.
-
-    The driver wakes the earliest sleepers every real millisecond, jumping the
-    clock to their wake time, so coroutines run in virtual-time order while
-    real socket I/O gets real time to complete.
-    """
-
-    def __init__(self, now: float = START) -> None:
-        self.now = now
-        self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
-        self._seq = 0
-        self._driver: asyncio.Task[None] | None = None
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-    async def sleep(self, seconds: float) -> None:
-        if seconds <= 0:
-            await asyncio.sleep(0)
-            return
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._seq += 1
-        heapq.heappush(self._sleepers, (self.now + seconds, self._seq, future))
-        if self._driver is None or self._driver.done():
-            self._driver = asyncio.create_task(self._drive())
-        await future
-
-    async def _drive(self) -> None:
-        while self._sleepers:
-            await asyncio.sleep(0.001)
-            target = self._sleepers[0][0]
-            self.now = max(self.now, target)
-            while self._sleepers and self._sleepers[0][0] <= target:
-                future = heapq.heappop(self._sleepers)[2]
-                if not future.done():
-                    future.set_result(None)
 
 
 @dataclass
@@ -146,7 +103,7 @@ class ScriptedIssuer:
 
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(START)
 
 
 @pytest.fixture
@@ -165,6 +122,8 @@ def sent(clock: FakeClock) -> list[float]:
 
 @pytest.fixture
 async def session(clock: FakeClock, sent: list[float]) -> AsyncIterator[aiohttp.ClientSession]:
+    """Here in place of the shared ``session``: the same client, recording when each token request starts."""
+
     async def on_start(_: Any, __: Any, params: aiohttp.TraceRequestStartParams) -> None:
         if params.method == "POST" and params.url.path == "/oauth/token":
             sent.append(clock())
@@ -195,42 +154,6 @@ def make_source(
     return TokenSource(
         settings, provider, session, clock=clock, metrics=metrics, sleep=clock.sleep, rng=random.Random(7)
     )
-
-
-@dataclass
-class HangingServer:
-    """A TCP server that accepts and never answers (a hung issuer); counts connections."""
-
-    url: str = ""
-    connections: int = 0
-
-
-@asynccontextmanager
-async def hanging_server() -> AsyncIterator[HangingServer]:
-    hung = HangingServer()
-    release = asyncio.Event()
-
-    async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        hung.connections += 1
-        try:
-            await release.wait()
-        finally:
-            writer.close()
-            await writer.wait_closed()
-
-    server = await asyncio.start_server(hang, "127.0.0.1", 0)
-    hung.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    try:
-        yield hung
-    finally:
-        release.set()
-        server.close()
-        await server.wait_closed()
-        await asyncio.sleep(0.01)  # let the handlers close their side
-
-
-def sample(metrics: Metrics, name: str, **labels: str) -> float:
-    return metrics.registry.get_sample_value(name, labels) or 0.0
 
 
 # --------------------------------------------------------------------------- discovery
@@ -856,7 +779,7 @@ async def test_endpoint_faults_back_off_then_recover(
     clock.advance(caught.value.retry_after)
     token = await source.mint(READ, "partner/v1")
     assert token.scopes == READ
-    assert source.health().backing_off_until is None and source.health().last_success_at == clock()
+    assert source.health().backing_off_until is None and source.health().last_error is None
 
 
 async def test_a_concurrent_failure_without_retry_after_keeps_the_servers_longer_retry_after(

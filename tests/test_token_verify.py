@@ -31,19 +31,11 @@ from proxy.settings import AuthSettings
 from proxy.tokens.credentials import CredentialProvider
 from proxy.tokens.source import TokenSource
 from proxy.tokens.verify import JwksUnavailable, JwtVerifier, TokenVerificationError, parse_jwks
-from tests.test_token_source import hanging_server
+from tests.helpers import FakeClock, hanging_server
 
 ISSUER = "https://sso.credicorp.test"
 AUDIENCE = "partner/v1"
 NOW = 1_700_000_000.0
-
-
-class Clock:
-    def __init__(self, now: float = NOW) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def public_jwk(key: ec.EllipticCurvePrivateKey, kid: str, **extra: str) -> dict[str, Any]:
@@ -90,13 +82,28 @@ async def keys(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> AsyncIte
     yield served, f"http://{server.host}:{server.port}/jwks"
 
 
+class JwksFetches:
+    """A client session that counts the JWKS documents fetched through it (GETs of a ``jwks`` path)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        trace = aiohttp.TraceConfig()
+        trace.on_request_start.append(self._started)
+        self.session = aiohttp.ClientSession(trace_configs=[trace])
+
+    async def _started(self, _: Any, __: Any, params: aiohttp.TraceRequestStartParams) -> None:
+        if params.method == "GET" and "jwks" in params.url.path:
+            self.count += 1
+
+
 @pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as client:
-        yield client
+async def jwks_fetches() -> AsyncIterator[JwksFetches]:
+    counted = JwksFetches()
+    async with counted.session:
+        yield counted
 
 
-def verifier_for(session: aiohttp.ClientSession, uri: str, clock: Clock) -> JwtVerifier:
+def verifier_for(session: aiohttp.ClientSession, uri: str, clock: FakeClock) -> JwtVerifier:
     return JwtVerifier(session, ISSUER, clock=clock, jwks_uri=uri)
 
 
@@ -125,7 +132,7 @@ async def test_a_valid_token_verifies_and_keys_are_cached(
     keys: tuple[Keys, str], session: aiohttp.ClientSession
 ) -> None:
     served, uri = keys
-    verifier = verifier_for(session, uri, Clock())
+    verifier = verifier_for(session, uri, FakeClock(NOW))
     claims = await verifier.verify(served.sign(), audience=AUDIENCE, scopes=("decisions:read",))
     assert claims["iss"] == ISSUER
     await verifier.verify(served.sign(aud=[AUDIENCE, "other"]), audience=AUDIENCE, scopes=())
@@ -135,14 +142,15 @@ async def test_a_valid_token_verifies_and_keys_are_cached(
 async def test_scp_list_claim_is_accepted(keys: tuple[Keys, str], session: aiohttp.ClientSession) -> None:
     served, uri = keys
     token = served.sign(scope=None, scp=["decisions:read", "payments:read"])
-    await verifier_for(session, uri, Clock()).verify(token, audience=AUDIENCE, scopes=("payments:read",))
+    verifier = verifier_for(session, uri, FakeClock(NOW))
+    await verifier.verify(token, audience=AUDIENCE, scopes=("payments:read",))
 
 
 async def test_keys_are_refetched_after_the_cache_ttl(
     keys: tuple[Keys, str], session: aiohttp.ClientSession
 ) -> None:
     served, uri = keys
-    clock = Clock()
+    clock = FakeClock(NOW)
     verifier = verifier_for(session, uri, clock)
     await verifier.verify(served.sign(), audience=AUDIENCE, scopes=())
     clock.now += 601
@@ -154,7 +162,7 @@ async def test_unknown_kid_refetches_at_most_once_per_interval(
     keys: tuple[Keys, str], session: aiohttp.ClientSession
 ) -> None:
     served, uri = keys
-    clock = Clock()
+    clock = FakeClock(NOW)
     verifier = verifier_for(session, uri, clock)
     await verifier.verify(served.sign(), audience=AUDIENCE, scopes=())
     served.add("k2")  # rotation: a new key published after our fetch
@@ -172,7 +180,7 @@ async def test_stale_keys_are_kept_when_a_refresh_fails(
     keys: tuple[Keys, str], session: aiohttp.ClientSession
 ) -> None:
     served, uri = keys
-    clock = Clock()
+    clock = FakeClock(NOW)
     verifier = verifier_for(session, uri, clock)
     await verifier.verify(served.sign(), audience=AUDIENCE, scopes=())
     served.status = 503
@@ -186,16 +194,18 @@ async def test_jwks_unavailable_without_cached_keys(
     served, uri = keys
     served.status = 500
     with pytest.raises(JwksUnavailable):
-        await verifier_for(session, uri, Clock()).verify(served.sign(), audience=AUDIENCE, scopes=())
+        await verifier_for(session, uri, FakeClock(NOW)).verify(served.sign(), audience=AUDIENCE, scopes=())
 
 
 async def test_a_hung_jwks_fetch_is_shared_by_every_waiting_token(
-    keys: tuple[Keys, str], session: aiohttp.ClientSession
+    keys: tuple[Keys, str], jwks_fetches: JwksFetches
 ) -> None:
     """Concurrent verifications share one JWKS fetch and its failure: one timeout, not one each."""
     served, _ = keys
     async with hanging_server() as hung:
-        verifier = JwtVerifier(session, ISSUER, clock=Clock(), jwks_uri=hung.url + "/jwks", timeout_s=0.5)
+        verifier = JwtVerifier(
+            jwks_fetches.session, ISSUER, clock=FakeClock(NOW), jwks_uri=hung.url + "/jwks", timeout_s=0.5
+        )
         started = time.monotonic()
         results = await asyncio.gather(
             *(verifier.verify(served.sign(), audience=AUDIENCE, scopes=()) for _ in range(6)),
@@ -203,7 +213,7 @@ async def test_a_hung_jwks_fetch_is_shared_by_every_waiting_token(
         )
         elapsed = time.monotonic() - started
     assert all(isinstance(r, JwksUnavailable) for r in results), results
-    assert hung.connections == 1 and verifier.fetches == 1
+    assert hung.connections == 1 and jwks_fetches.count == 1
     assert elapsed < 1.5
 
 
@@ -236,7 +246,7 @@ async def test_forged_and_wrong_tokens_are_rejected(
     keys: tuple[Keys, str], session: aiohttp.ClientSession
 ) -> None:
     served, uri = keys
-    verifier = verifier_for(session, uri, Clock())
+    verifier = verifier_for(session, uri, FakeClock(NOW))
     stranger = ec.generate_private_key(ec.SECP256R1())
     header = {"alg": "none", "kid": "k1", "typ": "JWT"}
     claims = {"iss": ISSUER, "aud": AUDIENCE, "exp": NOW + 3600, "scope": "decisions:read"}
@@ -268,7 +278,8 @@ async def test_leeway_accepts_a_token_just_past_exp(
     keys: tuple[Keys, str], session: aiohttp.ClientSession
 ) -> None:
     served, uri = keys
-    await verifier_for(session, uri, Clock()).verify(served.sign(exp=NOW - 10), audience=AUDIENCE, scopes=())
+    verifier = verifier_for(session, uri, FakeClock(NOW))
+    await verifier.verify(served.sign(exp=NOW - 10), audience=AUDIENCE, scopes=())
 
 
 # --------------------------------------------------------------------------- with the emulator
@@ -282,7 +293,7 @@ async def emu() -> AsyncIterator[Any]:
 
 
 def emulator_source(
-    url: str, session: aiohttp.ClientSession, clock: Clock, metrics: Metrics | None = None
+    url: str, session: aiohttp.ClientSession, clock: FakeClock, metrics: Metrics | None = None
 ) -> tuple[TokenSource, JwtVerifier]:
     auth = AuthSettings(issuer=url, client_id="cc_client_demo", client_secret="demo-secret")
     verifier = JwtVerifier(session, url, clock=clock)
@@ -294,27 +305,27 @@ def emulator_source(
 
 
 async def test_emulator_tokens_verify_and_a_rotated_key_is_picked_up(
-    emu: Any, session: aiohttp.ClientSession
+    emu: Any, jwks_fetches: JwksFetches
 ) -> None:
-    clock = Clock(time.time())
+    clock, session = FakeClock(), jwks_fetches.session
     source, verifier = emulator_source(emu.url, session, clock)
     first = await source.mint(("decisions:read",), AUDIENCE)
     claims = await verifier.verify(first.value, audience=AUDIENCE, scopes=first.scopes)
     old_kid = jwt.get_unverified_header(first.value)["kid"]
-    assert claims["iss"] == emu.url and verifier.fetches == 1
+    assert claims["iss"] == emu.url and jwks_fetches.count == 1
 
     async with session.post(f"{emu.url}/_emulator/rotate-signing-key") as resp:
         assert resp.status < 300
     clock.now += 11  # past the unknown-kid refetch interval
     second = await source.mint(("payments:read",), AUDIENCE)  # verified inside mint
     assert jwt.get_unverified_header(second.value)["kid"] != old_kid
-    assert verifier.fetches == 2
+    assert jwks_fetches.count == 2
 
 
 async def test_emulator_token_checked_against_the_wrong_audience_is_refused(
     emu: Any, session: aiohttp.ClientSession
 ) -> None:
-    source, verifier = emulator_source(emu.url, session, Clock(time.time()))
+    source, verifier = emulator_source(emu.url, session, FakeClock())
     token = await source.mint(("decisions:read",), AUDIENCE)
     with pytest.raises(TokenVerificationError, match="audience"):
         await verifier.verify(token.value, audience="internal/v1", scopes=token.scopes)
@@ -324,7 +335,7 @@ async def test_a_token_failing_verification_is_not_returned_by_the_source(
     emu: Any, session: aiohttp.ClientSession
 ) -> None:
     """Verifier pointed at a different issuer: every minted token fails, the source backs off."""
-    clock = Clock(time.time())
+    clock = FakeClock()
     metrics = Metrics()
     auth = AuthSettings(issuer=emu.url, client_id="cc_client_demo", client_secret="demo-secret")
     verifier = JwtVerifier(session, "https://sso.credicorp.co.uk", clock=clock)

@@ -21,9 +21,8 @@ from proxy.tokens.model import CacheKey
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[object]]
 
-#: The platform's limit on token-endpoint calls; our ceiling always stays below it.
-PLATFORM_LIMIT_PER_S = 10.0
-#: The highest ceiling we accept, whatever the config says.
+#: The highest ceiling we accept, whatever the config says: always below the
+#: platform's limit of 10 token-endpoint calls per second.
 MAX_CEILING_PER_S = 9.0
 #: A server-sent Retry-After is honoured up to this; a larger one is a server bug,
 #: and obeying it would take the proxy out for hours.

@@ -82,7 +82,6 @@ class CredentialProvider:
         self._metrics = metrics
         self._log = logger or logging.getLogger("proxy.tokens")
         self._callbacks: list[ChangeCallback] = []
-        self.reload_errors = 0
         self._seen = _signature(secret_file) if secret_file else None
         self._current = Credentials.create(client_id, secret or self._initial_secret())
         self._publish_generation()
@@ -149,7 +148,6 @@ class CredentialProvider:
             self._log.exception("credential change subscriber failed", extra={"event": "subscriber_error"})
 
     def _reload_failed(self, reason: str) -> None:
-        self.reload_errors += 1
         counter = getattr(self._metrics, "credential_reload_errors", None)
         if counter is not None:
             counter.inc()

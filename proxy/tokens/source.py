@@ -65,7 +65,6 @@ class SourceHealth:
     credentials_rejected: bool
     backing_off_until: float | None
     last_error: str | None
-    last_success_at: float | None
 
 
 class TokenSource:
@@ -91,7 +90,6 @@ class TokenSource:
         self._discovery_stale = False
         self._discovery_fetch: SharedAttempt[Discovery] = SharedAttempt()
         self._last_error: str | None = None
-        self._last_success_at: float | None = None
         self._timeout = aiohttp.ClientTimeout(total=auth.timeout_s)
         credentials.on_change(self._on_credentials_change)
         if verifier is not None and verifier.needs_jwks_uri:
@@ -154,7 +152,6 @@ class TokenSource:
             credentials_rejected=self._gate.is_rejected(self._credentials.current().generation),
             backing_off_until=backoff.until if backoff.remaining(self._clock()) > 0 else None,
             last_error=self._last_error,
-            last_success_at=self._last_success_at,
         )
 
     # -- before the call --------------------------------------------------------
@@ -305,7 +302,7 @@ class TokenSource:
     def _succeeded(self, key: CacheKey, token: Token, duration: float) -> None:
         if failures := self._gate.record_success(key):
             _event(logging.INFO, "token endpoint recovered", "backoff_ended", failures=failures)
-        self._last_success_at, self._last_error = self._clock(), None
+        self._last_error = None
         self._count(key, "ok")
         _event(
             logging.INFO,

@@ -134,7 +134,6 @@ class JwtVerifier:
         self._keys: dict[str, jwt.PyJWK] = {}
         self._fetched_at: float | None = None
         self._refreshing: SharedAttempt[None] = SharedAttempt()
-        self.fetches = 0
 
     @property
     def needs_jwks_uri(self) -> bool:
@@ -231,7 +230,6 @@ class JwtVerifier:
 
     async def _fetch(self) -> dict[str, jwt.PyJWK]:
         uri = await self._resolve_uri()
-        self.fetches += 1
         try:
             async with self._session.get(
                 uri, timeout=self._timeout, allow_redirects=False, headers={"Accept": "application/json"}

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import time
 
 import aiohttp
@@ -29,17 +30,10 @@ from proxy.metrics import Metrics
 from proxy.tokens.model import CacheKey, Credentials, Token
 from proxy.tokens.redis_trust import SharedTokenTrust
 from proxy.tokens.verify import JwtVerifier
+from tests.bench.procs import status_kib
 
 SCOPES = ("decisions:read",)
 AUDIENCE = "partner/v1"
-
-
-def rss_kib() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
 
 
 class NoPurge:
@@ -80,12 +74,12 @@ async def run(forged_count: int) -> None:
                 jwt.encode(claims | {"jti": f"forged-{n}"}, attacker, algorithm="ES256", headers={"kid": kid})
                 for n in range(forged_count)
             ]
-            before = rss_kib()
+            before = status_kib(os.getpid(), "VmRSS")
             started = time.perf_counter()
             for value in forged:
                 assert await trust.admit(key, stored(value), NoPurge()) is None
             refused = (time.perf_counter() - started) / len(forged)
-            after = rss_kib()
+            after = status_kib(os.getpid(), "VmRSS")
     finally:
         await emulator.stop()
     print(f"first admission (ES256 + claims): {first * 1e6:7.0f} us per token")
