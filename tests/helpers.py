@@ -115,6 +115,20 @@ def rss_bytes(*, settle: bool) -> int:
     return status_kib(os.getpid(), "VmRSS") * 1024
 
 
+
+async def ends_within(reader: asyncio.StreamReader, timeout: float) -> bool:
+    """True when the server ends the connection (EOF or a reset) within ``timeout``; bytes are discarded."""
+    try:
+        async with asyncio.timeout(timeout):
+            while await reader.read(65536):
+                pass
+    except TimeoutError:
+        return False
+    except ConnectionError:
+        pass
+    return True
+
+
 async def get(http: aiohttp.ClientSession, url: str, **kwargs: Any) -> int:
     """GET ``url`` and read the body to the end; returns the status."""
     async with http.get(url, **kwargs) as resp:

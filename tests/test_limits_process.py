@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 from proxy.emulator.app import EmulatorServer
-from tests.helpers import eventually
+from tests.helpers import ends_within, eventually
 from tests.proxy_fixtures import base_config, merge, open_connection
 from tests.redis_fixtures import free_port
 
@@ -114,17 +114,6 @@ async def run_proxy(
                 await proc.wait()
 
 
-async def ended(reader: asyncio.StreamReader, within: float) -> bool:
-    """The proxy ended the connection (EOF or reset) within ``within`` s; what it sent is discarded."""
-    try:
-        async with asyncio.timeout(within):
-            while await reader.read(65536):
-                pass
-    except TimeoutError:
-        return False
-    except ConnectionError:
-        pass
-    return True
 
 
 async def test_connection_caps_fit_below_the_descriptor_limit_and_probes_keep_answering(
@@ -139,7 +128,7 @@ async def test_connection_caps_fit_below_the_descriptor_limit_and_probes_keep_an
     async with run_proxy(tmp_path, emulator, overrides, nofile=256) as child:
         connections = [await open_connection(child.proxy_url) for _ in range(300)]
         try:
-            outcomes = await asyncio.gather(*(ended(reader, 2.0) for reader, _ in connections))
+            outcomes = await asyncio.gather(*(ends_within(reader, 2.0) for reader, _ in connections))
             assert await healthy(child.admin_url), "/healthz did not answer with the proxy listener full"
         finally:
             for _, writer in connections:

@@ -34,7 +34,7 @@ from proxy.app import ProxyServer
 from proxy.config import parse_config
 from proxy.emulator.app import EmulatorServer
 from proxy.errors import ConfigError
-from tests.helpers import eventually, rss_bytes
+from tests.helpers import ends_within, eventually, rss_bytes
 from tests.parsers import check_expected_parser, parser_kind, rerun_under_pure_python
 from tests.proxy_fixtures import (
     Scrape,
@@ -80,19 +80,6 @@ async def read_answer(reader: asyncio.StreamReader, timeout: float = 5.0) -> Ans
             headers[name.strip().lower()] = value.strip()
     body = await asyncio.wait_for(reader.readexactly(int(headers.get("content-length", "0"))), timeout)
     return Answer(status_line, int(status_line.split()[1]), headers, body)
-
-
-async def ends_within(reader: asyncio.StreamReader, timeout: float) -> bool:
-    """True when the server ends the connection (EOF or a reset) within ``timeout``; bytes are discarded."""
-    try:
-        async with asyncio.timeout(timeout):
-            while await reader.read(65536):
-                pass
-    except TimeoutError:
-        return False
-    except ConnectionError:
-        pass
-    return True
 
 
 def url_of(proxy: ProxyServer, listener: str) -> str:
