@@ -6,12 +6,12 @@ so it judges only how they go together, and records into the same ``Report``.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Mapping
 
 from proxy.config.cache_url import parse_cache_url
 from proxy.config.report import Report
 from proxy.settings import AuthSettings, CacheSettings, ListenAddress
+from proxy.urls import is_loopback
 from proxy.wording import show
 
 __all__ = ["check_cache_trust", "check_listeners", "check_secret_source"]
@@ -77,7 +77,6 @@ def _cache_hosts(url: str) -> list[str]:
 
 
 def _loopback(host: str) -> bool:
-    try:
-        return host.lower().rstrip(".") == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    """The URL rule's loopback test, with a Redis host's name read in any case and with a final dot."""
+    host = host.lower()
+    return is_loopback(host) or host.rstrip(".") == "localhost"
